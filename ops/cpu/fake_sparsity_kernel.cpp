@@ -1,0 +1,173 @@
+// CPU kernels of fake_sparsity and fake_sparsity_.
+//
+// Two loops: a flat one for tensors that share one dense memory layout
+// (contiguous, channels-last, any dense permutation), which the compiler
+// vectorises, and a strided one for everything else. Both are split across
+// threads with at::parallel_for.
+
+#include "ops/fake_sparsity_common.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/SmallVector.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace sparsity {
+namespace ops {
+namespace {
+
+// Elements per task: small tensors stay on one thread, where waking the pool
+// costs more than it saves.
+constexpr int64_t kGrainSize = 32768;
+
+// True when x, mask and out can be walked as one flat array each, element i
+// of one matching element i of the others.
+bool share_dense_layout(
+    const at::Tensor& x,
+    const at::Tensor& mask,
+    const at::Tensor& out) {
+  if (x.is_contiguous() && mask.is_contiguous() && out.is_contiguous()) {
+    return true;
+  }
+  return x.is_non_overlapping_and_dense() && mask.strides() == x.strides() &&
+      out.strides() == x.strides();
+}
+
+// One product, computed as PyTorch computes mask * x: both operands in the
+// op-math type of the promoted dtype, rounded once to the output dtype.
+template <typename compute_t, typename out_t, typename x_t, typename mask_t>
+inline out_t masked_value(mask_t m, x_t v) {
+  return static_cast<out_t>(static_cast<compute_t>(m) * static_cast<compute_t>(v));
+}
+
+template <typename out_t, typename x_t, typename mask_t>
+void apply_mask_flat(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    int64_t numel) {
+  using compute_t = at::opmath_type<detail::promoted_t<x_t, mask_t>>;
+  at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = masked_value<compute_t, out_t>(mask[i], x[i]);
+    }
+  });
+}
+
+template <typename out_t, typename x_t, typename mask_t>
+void apply_mask_strided(
+    const at::Tensor& out_tensor,
+    const at::Tensor& x_tensor,
+    const at::Tensor& mask_tensor) {
+  using compute_t = at::opmath_type<detail::promoted_t<x_t, mask_t>>;
+  // A 0-d tensor is walked as a 1-d tensor of one element.
+  const int64_t ndim = std::max<int64_t>(x_tensor.dim(), 1);
+  c10::SmallVector<int64_t, 8> sizes(ndim, 1), xs(ndim, 0), ms(ndim, 0),
+      os(ndim, 0);
+  for (int64_t d = 0; d < x_tensor.dim(); ++d) {
+    sizes[d] = x_tensor.size(d);
+    xs[d] = x_tensor.stride(d);
+    ms[d] = mask_tensor.stride(d);
+    os[d] = out_tensor.stride(d);
+  }
+  out_t* out = out_tensor.data_ptr<out_t>();
+  const x_t* x = x_tensor.const_data_ptr<x_t>();
+  const mask_t* mask = mask_tensor.const_data_ptr<mask_t>();
+  const int64_t last = ndim - 1;
+
+  at::parallel_for(0, x_tensor.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    // Multi-index and element offsets of the first element of this range.
+    c10::SmallVector<int64_t, 8> index(ndim, 0);
+    int64_t rest = begin;
+    int64_t xo = 0, mo = 0, oo = 0;
+    for (int64_t d = last; d >= 0; --d) {
+      index[d] = rest % sizes[d];
+      rest /= sizes[d];
+      xo += index[d] * xs[d];
+      mo += index[d] * ms[d];
+      oo += index[d] * os[d];
+    }
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t run = std::min(sizes[last] - index[last], end - i);
+      for (int64_t k = 0; k < run; ++k) {
+        out[oo + k * os[last]] =
+            masked_value<compute_t, out_t>(mask[mo + k * ms[last]], x[xo + k * xs[last]]);
+      }
+      i += run;
+      index[last] += run;
+      xo += run * xs[last];
+      mo += run * ms[last];
+      oo += run * os[last];
+      // Carry into the outer dimensions.
+      for (int64_t d = last; d > 0 && index[d] == sizes[d]; --d) {
+        xo += xs[d - 1] - sizes[d] * xs[d];
+        mo += ms[d - 1] - sizes[d] * ms[d];
+        oo += os[d - 1] - sizes[d] * os[d];
+        index[d] = 0;
+        ++index[d - 1];
+      }
+    }
+  });
+}
+
+// out = mask * x, out already allocated with the result (or x's) dtype.
+void apply_mask_cpu(
+    const char* op_name,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  if (x.numel() == 0) {
+    return;
+  }
+  detail::dispatch_floating(x.scalar_type(), op_name, [&](auto x_tag) {
+    using x_t = decltype(x_tag);
+    detail::dispatch_mask(mask.scalar_type(), op_name, [&](auto mask_tag) {
+      using mask_t = decltype(mask_tag);
+      detail::dispatch_floating(out.scalar_type(), op_name, [&](auto out_tag) {
+        using out_t = decltype(out_tag);
+        if (share_dense_layout(x, mask, out)) {
+          apply_mask_flat<out_t, x_t, mask_t>(
+              out.data_ptr<out_t>(),
+              x.const_data_ptr<x_t>(),
+              mask.const_data_ptr<mask_t>(),
+              x.numel());
+        } else {
+          apply_mask_strided<out_t, x_t, mask_t>(out, x, mask);
+        }
+      });
+    });
+  });
+}
+
+at::Tensor fake_sparsity_cpu(const at::Tensor& x, const at::Tensor& mask) {
+  detail::check_fake_sparsity_inputs("fake_sparsity", x, mask);
+  at::Tensor out = at::empty_like(
+      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  apply_mask_cpu("fake_sparsity", out, x, mask);
+  return out;
+}
+
+at::Tensor& fake_sparsity__cpu(at::Tensor& x, const at::Tensor& mask) {
+  detail::check_fake_sparsity_inputs("fake_sparsity_", x, mask);
+  detail::check_inplace_overlap("fake_sparsity_", x, mask);
+  apply_mask_cpu("fake_sparsity_", x, x, mask);
+  return x;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(sparsity, CPU, m) {
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
+      TORCH_FN(fake_sparsity_cpu));
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_sparsity_"),
+      TORCH_FN(fake_sparsity__cpu));
+}
+
+} // namespace ops
+} // namespace sparsity

@@ -1,0 +1,143 @@
+#pragma once
+
+// Input checks, type rules and dtype dispatch shared by every kernel of
+// fake_sparsity and fake_sparsity_, so all dispatch keys agree on what is an
+// error and on the result dtype.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+namespace sparsity {
+namespace ops {
+namespace detail {
+
+inline bool is_supported_x_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
+      t == at::kBFloat16;
+}
+
+inline bool is_supported_mask_dtype(at::ScalarType t) {
+  return t == at::kBool || t == at::kByte || is_supported_x_dtype(t);
+}
+
+// Checks everything both forms require; op_name starts each message.
+inline void check_fake_sparsity_inputs(
+    const char* op_name,
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  TORCH_CHECK(x.defined(), op_name, ": x is an undefined tensor");
+  TORCH_CHECK(mask.defined(), op_name, ": mask is an undefined tensor");
+  TORCH_CHECK(
+      is_supported_x_dtype(x.scalar_type()),
+      op_name,
+      ": x must be a floating tensor (float32, float64, float16 or bfloat16), but got ",
+      x.scalar_type());
+  TORCH_CHECK(
+      is_supported_mask_dtype(mask.scalar_type()),
+      op_name,
+      ": mask must be bool, uint8 or floating (float32, float64, float16, bfloat16), but got ",
+      mask.scalar_type());
+  TORCH_CHECK(
+      x.device() == mask.device(),
+      op_name,
+      ": x and mask must be on the same device, but x is on ",
+      x.device(),
+      " and mask is on ",
+      mask.device());
+  TORCH_CHECK(
+      x.layout() == at::kStrided && mask.layout() == at::kStrided,
+      op_name,
+      ": x and mask must be strided (dense) tensors, but got x layout ",
+      x.layout(),
+      " and mask layout ",
+      mask.layout());
+  TORCH_CHECK(
+      x.sym_sizes().equals(mask.sym_sizes()),
+      op_name,
+      ": mask shape ",
+      mask.sym_sizes(),
+      " must equal x shape ",
+      x.sym_sizes(),
+      " (no broadcasting)");
+}
+
+// dtype of mask * x under PyTorch's promotion (same ndim, so no 0-dim rule).
+inline at::ScalarType fake_sparsity_result_type(
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  return c10::promoteTypes(x.scalar_type(), mask.scalar_type());
+}
+
+// Promotion of the element types at compile time: integral masks keep x's
+// type, two floating types follow c10::promoteTypes.
+template <typename x_t, typename mask_t>
+struct promoted {
+  static constexpr bool mask_is_integral =
+      std::is_same_v<mask_t, bool> || std::is_same_v<mask_t, uint8_t>;
+  using type = std::conditional_t<
+      mask_is_integral || std::is_same_v<x_t, mask_t>,
+      x_t,
+      std::conditional_t<
+          std::is_same_v<x_t, double> || std::is_same_v<mask_t, double>,
+          double,
+          float>>;
+};
+template <typename x_t, typename mask_t>
+using promoted_t = typename promoted<x_t, mask_t>::type;
+
+// In-place writes into x: x must not write one element twice, and mask must
+// not partly alias x. Needs real storage, so the device kernels call it.
+inline void check_inplace_overlap(
+    const char* op_name,
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  TORCH_CHECK(
+      at::has_internal_overlap(x) != at::MemOverlap::Yes,
+      op_name,
+      ": x has several elements in one memory location (an expanded tensor?), "
+      "so writing into it in place is ambiguous; clone() it first");
+  at::assert_no_partial_overlap(x, mask);
+}
+
+// Calls f with a value of the C++ type of a floating dtype (the value is only
+// a type tag).
+template <typename F>
+void dispatch_floating(at::ScalarType t, const char* op_name, F&& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, op_name, ": unsupported floating dtype ", t);
+  }
+}
+
+// The same for every mask dtype: bool, uint8 and the floating ones.
+template <typename F>
+void dispatch_mask(at::ScalarType t, const char* op_name, F&& f) {
+  switch (t) {
+    case at::kBool:
+      return f(bool{});
+    case at::kByte:
+      return f(uint8_t{});
+    default:
+      return dispatch_floating(t, op_name, std::forward<F>(f));
+  }
+}
+
+} // namespace detail
+} // namespace ops
+} // namespace sparsity
