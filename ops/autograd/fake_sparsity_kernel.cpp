@@ -10,6 +10,8 @@
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace sparsity {
 namespace ops {
 namespace {
@@ -79,19 +81,18 @@ class FakeSparsityFunction
 class FakeSparsityInplaceFunction
     : public torch::autograd::Function<FakeSparsityInplaceFunction> {
  public:
+  // x_before: a copy of x taken before the write, needed for the gradient of
+  // the mask (empty when the mask needs none). It is taken outside, with grad
+  // mode on, so that it keeps its own graph back to x for double backward.
   static at::Tensor forward(
       AutogradContext* ctx,
       at::Tensor x,
-      const at::Tensor& mask) {
+      const at::Tensor& mask,
+      const std::optional<at::Tensor>& x_before) {
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["mask_dtype"] = mask.scalar_type();
-    // x is overwritten, so the gradient of the mask needs a copy of it.
-    at::Tensor x_before;
-    if (mask.requires_grad()) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      x_before = x.clone();
-    }
-    ctx->save_for_backward({x_before, x.requires_grad() ? mask : at::Tensor()});
+    ctx->save_for_backward(
+        {x_before.value_or(at::Tensor()), x.requires_grad() ? mask : at::Tensor()});
     call_fake_sparsity__below_autograd(x, mask);
     // The kernel ran below ADInplaceOrView, which is where aten bumps the
     // version counter of in-place outputs.
@@ -102,7 +103,9 @@ class FakeSparsityInplaceFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return mask_product_backward(ctx, grads[0], saved[0], saved[1]);
+    variable_list result = mask_product_backward(ctx, grads[0], saved[0], saved[1]);
+    result.emplace_back(); // x_before gets no gradient of its own
+    return result;
   }
 };
 
@@ -116,7 +119,12 @@ at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
       !(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
       "fake_sparsity_: x is a leaf tensor that requires grad and cannot be "
       "modified in place; use fake_sparsity, or call it under torch.no_grad()");
-  FakeSparsityInplaceFunction::apply(x, mask);
+  // Taken here, with grad mode on, so that it is differentiable.
+  std::optional<at::Tensor> x_before;
+  if (mask.requires_grad() && at::GradMode::is_enabled()) {
+    x_before = x.clone();
+  }
+  FakeSparsityInplaceFunction::apply(x, mask, x_before);
   return x;
 }
 

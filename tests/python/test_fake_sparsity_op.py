@@ -1,0 +1,292 @@
+"""sparsity::fake_sparsity and fake_sparsity_ against mask * x, on the CPU."""
+
+import itertools
+
+import pytest
+import torch
+from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x
+
+fake_sparsity = torch.ops.sparsity.fake_sparsity
+fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
+
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (5, 3), (2, 3, 4), (2, 3, 4, 5), (2, 1, 3, 4, 5), (33, 65)]
+
+
+@pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, MASK_DTYPES)))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_mask_times_x(shape, x_dtype, mask_dtype):
+    x = make_x(shape, x_dtype)
+    mask = make_mask(shape, mask_dtype, special=True)
+    x_before, mask_before = x.clone(), mask.clone()
+    out = fake_sparsity(x, mask)
+    assert_bitwise_equal(out, mask * x)
+    # The inputs are untouched.
+    assert_bitwise_equal(x, x_before)
+    assert torch.equal(mask, mask_before) or mask.dtype.is_floating_point
+
+
+@pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, MASK_DTYPES)))
+def test_inplace_matches_mul_(x_dtype, mask_dtype):
+    x = make_x((6, 7), x_dtype)
+    mask = make_mask((6, 7), mask_dtype, special=True)
+    expected = x.clone().mul_(mask)
+    version = x._version
+    result = fake_sparsity_(x, mask)
+    assert result is x
+    assert x._version > version
+    assert_bitwise_equal(x, expected)
+
+
+def test_zero_times_inf_and_nan_is_nan_and_signs_kept():
+    x = torch.tensor([float("inf"), float("nan"), -3.0, 3.0, float("-inf"), -0.0])
+    mask = torch.zeros(6, dtype=torch.bool)
+    out = fake_sparsity(x, mask)
+    assert torch.isnan(out[:2]).all() and torch.isnan(out[4])
+    assert torch.signbit(out[2]) and not torch.signbit(out[3]) and torch.signbit(out[5])
+    assert_bitwise_equal(out, mask * x)
+
+
+def _noncontiguous_cases():
+    base = make_x((6, 8, 10), torch.float32)
+    mask = make_mask((6, 8, 10), torch.bool)
+    yield "transposed", base.transpose(0, 2), mask.transpose(0, 2)
+    yield "x transposed, mask contiguous", base.transpose(1, 2), mask.transpose(1, 2).contiguous()
+    yield "sliced with step", base[::2, 1::3, ::4], mask[::2, 1::3, ::4]
+    yield "storage offset", base.view(-1)[3:403].view(20, 20), mask.view(-1)[5:405].view(20, 20)
+    yield "expanded mask", base, mask[:1].expand(6, 8, 10)
+    yield "expanded x", base[:, :1].expand(6, 8, 10), mask
+    yield "channels last", make_x((2, 3, 5, 4), torch.float32).contiguous(memory_format=torch.channels_last), make_mask(
+        (2, 3, 5, 4), torch.uint8
+    ).contiguous(memory_format=torch.channels_last)
+    yield "channels last x, plain mask", make_x((2, 3, 5, 4), torch.float16).contiguous(
+        memory_format=torch.channels_last
+    ), make_mask((2, 3, 5, 4), torch.float32)
+    big = make_x((300, 400), torch.float32)
+    yield "large transposed", big.t(), make_mask((400, 300), torch.float32)
+
+
+@pytest.mark.parametrize("name,x,mask", list(_noncontiguous_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_noncontiguous(name, x, mask):
+    out = fake_sparsity(x, mask)
+    assert_bitwise_equal(out, mask * x)
+    if not (x.stride() and 0 in x.stride()):
+        y = x.clone()
+        assert fake_sparsity_(y, mask) is y
+        assert_bitwise_equal(y, x.clone().mul_(mask))
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_large_tensor_uses_threads(mask_dtype):
+    torch.set_num_threads(2)
+    n = (1 << 22) + 13  # several tasks per thread, with an odd tail
+    x = make_x((n,), torch.float32)
+    mask = make_mask((n,), mask_dtype)
+    assert_bitwise_equal(fake_sparsity(x, mask), mask * x)
+    xt = make_x((2048, 2049), torch.float32).t()
+    mt = make_mask((2049, 2048), mask_dtype)
+    assert_bitwise_equal(fake_sparsity(xt, mt), mt * xt)
+
+
+def test_output_layout_follows_x():
+    x = make_x((2, 3, 5, 4), torch.float32).contiguous(memory_format=torch.channels_last)
+    mask = make_mask((2, 3, 5, 4), torch.bool).contiguous(memory_format=torch.channels_last)
+    assert fake_sparsity(x, mask).stride() == (mask * x).stride()
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def test_gradcheck_and_gradgradcheck_float64():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fake_sparsity, (x, mask))
+    assert torch.autograd.gradgradcheck(fake_sparsity, (x, mask))
+    bool_mask = torch.rand(4, 5) > 0.5
+    assert torch.autograd.gradcheck(lambda t: fake_sparsity(t, bool_mask), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: fake_sparsity(t, bool_mask), (x,))
+    xt = torch.randn(5, 4, dtype=torch.float64).t().requires_grad_()
+    assert torch.autograd.gradcheck(fake_sparsity, (xt, mask))
+
+
+def test_inplace_gradcheck_float64():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def inplace(a, m):
+        return fake_sparsity_(a.clone(), m)
+
+    assert torch.autograd.gradcheck(inplace, (x, mask))
+    assert torch.autograd.gradgradcheck(inplace, (x, mask))
+
+
+@pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, MASK_DTYPES)))
+def test_gradients_match_mask_times_x(x_dtype, mask_dtype):
+    x = make_x((5, 6), x_dtype, special=False).requires_grad_()
+    mask = make_mask((5, 6), mask_dtype)
+    if mask.dtype.is_floating_point:
+        mask = (mask + torch.rand(5, 6).to(mask_dtype)).requires_grad_()
+    grad = make_x((5, 6), torch.promote_types(x_dtype, mask_dtype), special=False)
+
+    ours = torch.autograd.grad(fake_sparsity(x, mask), [t for t in (x, mask) if t.requires_grad], grad)
+    ref = torch.autograd.grad(mask * x, [t for t in (x, mask) if t.requires_grad], grad)
+    for a, b in zip(ours, ref):
+        assert_bitwise_equal(a, b)
+
+
+def test_double_backward_matches_mask_times_x():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (fake_sparsity, lambda a, m: m * a):
+        (gx,) = torch.autograd.grad((fn(x, mask) ** 2).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.sum(), (x, mask)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_inplace_autograd_matches_mul_():
+    base = torch.randn(4, 4, requires_grad=True)
+    mask = torch.rand(4, 4, requires_grad=True)
+    grads = []
+    for fn in (fake_sparsity_, torch.Tensor.mul_):
+        y = base * 2
+        out = fn(y, mask)
+        assert out is y
+        grads.append(torch.autograd.grad((out * out).sum(), (base, mask)))
+    for a, b in zip(*grads):
+        assert_bitwise_equal(a, b)
+
+
+def test_inplace_on_leaf_requiring_grad_is_refused_and_changes_nothing():
+    x = torch.randn(3, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf"):
+        fake_sparsity_(x, torch.zeros(3, dtype=torch.bool))
+    assert_bitwise_equal(x.detach(), before)
+    with torch.no_grad():
+        fake_sparsity_(x, torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(x.detach(), torch.zeros(3))
+
+
+def test_inference_mode():
+    with torch.inference_mode():
+        x = torch.randn(10)
+        mask = torch.rand(10) > 0.5
+        assert_bitwise_equal(fake_sparsity(x, mask), mask * x)
+        fake_sparsity_(x, mask)
+
+
+# ---------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples():
+    yield torch.ops.sparsity.fake_sparsity.default, (torch.randn(3, 4), torch.rand(3, 4) > 0.5)
+    yield torch.ops.sparsity.fake_sparsity.default, (torch.randn(3, 4, requires_grad=True), torch.rand(3, 4))
+    yield torch.ops.sparsity.fake_sparsity.default, (
+        torch.randn(2, 3, dtype=torch.float64, requires_grad=True),
+        torch.rand(2, 3, dtype=torch.float64, requires_grad=True),
+    )
+    yield torch.ops.sparsity.fake_sparsity.default, (torch.randn(2, 3, dtype=torch.float16), torch.rand(2, 3))
+    yield torch.ops.sparsity.fake_sparsity.default, (torch.randn(5, 6).t(), torch.randint(0, 2, (6, 5), dtype=torch.uint8))
+    yield torch.ops.sparsity.fake_sparsity.default, (torch.randn(0, 3), torch.ones(0, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("op,args", list(_opcheck_samples()), ids=lambda v: str(v) if not isinstance(v, tuple) else "")
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+INPLACE_SAMPLES = [
+    (torch.randn(3, 4), torch.rand(3, 4) > 0.5),
+    (torch.randn(3, 4, dtype=torch.bfloat16), torch.rand(3, 4)),
+    (torch.randn(4, 3).t(), torch.rand(3, 4, dtype=torch.float64)),
+]
+
+
+@pytest.mark.parametrize("args", INPLACE_SAMPLES, ids=["bool", "bf16-float", "transposed"])
+def test_opcheck_inplace(args):
+    op = torch.ops.sparsity.fake_sparsity_.default
+    # The SPEC fixes the schema "-> Tensor(a!)"; torch.compile cannot
+    # functionalize a custom op whose output aliases an input, so opcheck's
+    # aot_dispatch test is checked separately below.
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_inplace_aot_dispatch_is_a_known_torch_limitation():
+    op = torch.ops.sparsity.fake_sparsity_.default
+    with pytest.raises(Exception, match="output has alias annotations"):
+        torch.library.opcheck(op, INPLACE_SAMPLES[0], test_utils="test_aot_dispatch_dynamic")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _assert_refused(fn, x, mask, *patterns):
+    x_before, mask_before = x.clone(), mask.clone()
+    with pytest.raises(RuntimeError) as info:
+        fn(x, mask)
+    for pattern in patterns:
+        assert pattern in str(info.value), str(info.value)
+    assert torch.equal(x, x_before) or torch.isnan(x).any()
+    assert_bitwise_equal(x, x_before) if x.dtype.is_floating_point else None
+    assert torch.equal(mask, mask_before)
+
+
+@pytest.mark.parametrize("fn", [fake_sparsity, fake_sparsity_], ids=["out-of-place", "in-place"])
+def test_shape_mismatch_names_both_shapes(fn):
+    _assert_refused(fn, torch.randn(3, 4), torch.ones(4, 3, dtype=torch.bool), "[4, 3]", "[3, 4]", "shape")
+    # No broadcasting, even where mask * x would broadcast.
+    _assert_refused(fn, torch.randn(3, 4), torch.ones(1, 4, dtype=torch.bool), "[1, 4]", "[3, 4]")
+    _assert_refused(fn, torch.randn(3, 4), torch.ones((), dtype=torch.bool), "[]", "[3, 4]")
+
+
+@pytest.mark.parametrize("fn", [fake_sparsity, fake_sparsity_], ids=["out-of-place", "in-place"])
+def test_different_devices_names_both(fn):
+    x = torch.randn(3)
+    with pytest.raises(RuntimeError, match=r"same device.*cpu.*meta|same device.*meta.*cpu"):
+        fn(x, torch.ones(3, device="meta"))
+    with pytest.raises(RuntimeError, match=r"same device.*meta.*cpu"):
+        fn(torch.ones(3, device="meta"), torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("fn", [fake_sparsity, fake_sparsity_], ids=["out-of-place", "in-place"])
+def test_unsupported_dtypes(fn):
+    _assert_refused(fn, torch.arange(4), torch.ones(4, dtype=torch.bool), "x must be a floating tensor", "Long")
+    _assert_refused(fn, torch.randn(4), torch.ones(4, dtype=torch.int32), "mask must be bool, uint8 or floating", "Int")
+    _assert_refused(fn, torch.randn(4, dtype=torch.complex64), torch.ones(4), "x must be a floating tensor")
+
+
+def test_sparse_input_is_refused():
+    x = torch.randn(3, 3).to_sparse()
+    with pytest.raises(RuntimeError):
+        fake_sparsity(x, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_inplace_overlap_is_refused():
+    x = torch.randn(1, 4).expand(3, 4)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="memory location"):
+        fake_sparsity_(x, torch.zeros(3, 4, dtype=torch.bool))
+    assert torch.equal(x, before)
+    storage = torch.randn(10)
+    x, mask = storage[:6], storage[2:8]
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match="memory location"):
+        fake_sparsity_(x, mask)
+    assert torch.equal(storage, before)
+    # Fully aliased mask is fine, as for x.mul_(x).
+    y = torch.randn(5)
+    expected = y.clone().mul_(y.clone())
+    assert_bitwise_equal(fake_sparsity_(y, y), expected)
+
+
+def test_meta_kernel_shapes_and_dtypes():
+    for x_dtype, mask_dtype in itertools.product(X_DTYPES, MASK_DTYPES):
+        x = torch.empty(2, 3, 4, dtype=x_dtype, device="meta")
+        mask = torch.empty(2, 3, 4, dtype=mask_dtype, device="meta")
+        out = fake_sparsity(x, mask)
+        assert out.device.type == "meta" and out.shape == x.shape
+        assert out.dtype == torch.promote_types(x_dtype, mask_dtype)
+        assert fake_sparsity_(x, mask) is x
+    with pytest.raises(RuntimeError, match="must equal x shape"):
+        fake_sparsity(torch.empty(2, device="meta"), torch.empty(3, device="meta"))
