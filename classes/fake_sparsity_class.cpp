@@ -88,8 +88,16 @@ double FakeSparsity::sparsity_level() const {
 }
 
 FakeSparsity::State FakeSparsity::get_state() const {
+  // A copy, not the held tensor: TorchScript's deepcopy passes this state
+  // straight to __setstate__, and a deep copy must not share its mask.
+  at::Tensor mask_copy;
+  {
+    c10::AutoGradMode no_grad(false);
+    mask_copy = mask_.clone();
+  }
+  mask_copy.set_requires_grad(mask_.requires_grad());
   c10::Dict<std::string, at::Tensor> tensors;
-  tensors.insert("mask", mask_);
+  tensors.insert("mask", std::move(mask_copy));
   return State(kStateVersion, std::move(tensors));
 }
 

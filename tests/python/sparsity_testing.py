@@ -1,6 +1,9 @@
-"""Helpers shared by the Python tests: bitwise comparison and sample inputs."""
+"""Helpers shared by the Python tests (and the script that writes the C++
+tests' model files): bitwise comparison, sample inputs, and small layers whose
+weights go through the plugin's FakeSparsity."""
 
 import torch
+import torch.nn.functional as F
 
 X_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.uint8] + X_DTYPES
@@ -69,3 +72,87 @@ def make_mask(shape, dtype, device="cpu", special=False):
             values = torch.tensor([0.5, -2.0, float("nan"), float("inf")], device=device).to(dtype)
         flat[picks] = values[torch.randint(0, len(values), (len(picks),), device=device)]
     return mask
+
+
+def write_patched_archive(src, dst, old: bytes, new: bytes):
+    """Copies a torch.jit.save archive, replacing bytes in its data.pkl: a way
+    to make files with malformed or future FakeSparsity states."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                assert old in data, f"{old!r} not in {info.filename}"
+                data = data.replace(old, new, 1)
+            zout.writestr(info, data)
+
+
+# Byte patterns of a pickled FakeSparsity state (1, {"mask": tensor}) in data.pkl.
+STATE_VERSION_1 = b"FakeSparsity\nq\x04)\x81K\x01"
+STATE_PATCHES = {
+    "future version": (STATE_VERSION_1, STATE_VERSION_1[:-1] + b"\x07", "format version 7"),
+    "missing mask": (b"X\x04\x00\x00\x00mask", b"X\x04\x00\x00\x00mast", "needs a 'mask' entry"),
+    "version of wrong type": (
+        STATE_VERSION_1,
+        STATE_VERSION_1[:-2] + b"X\x01\x00\x00\x001",
+        r"Expected a value of type 'Tuple\[int, Dict\[str, Tensor\]\]'",
+    ),
+}
+
+
+# ------------------------------------------------ layers using the plugin
+
+
+class SparseLinear(torch.nn.Module):
+    """A Linear whose weight goes through torch.classes.sparsity.FakeSparsity."""
+
+    def __init__(self, linear: torch.nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_sparsity = torch.classes.sparsity.FakeSparsity(mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_sparsity.forward(self.weight), self.bias)
+
+
+class SparseConv2d(torch.nn.Module):
+    """A Conv2d (zeros padding) whose weight goes through FakeSparsity."""
+
+    def __init__(self, conv: torch.nn.Conv2d, mask: torch.Tensor):
+        super().__init__()
+        assert conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.weight_sparsity = torch.classes.sparsity.FakeSparsity(mask)
+
+    def forward(self, x):
+        weight = self.weight_sparsity.forward(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def sparsify_with_plugin(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    """Replaces, in place, each Linear/Conv2d named in masks (module fqn ->
+    weight mask) by its plugin-backed counterpart. A test fixture: the real
+    converter handles any module type."""
+    for fqn, mask in masks.items():
+        parent_name, _, child_name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name)
+        wrapper = SparseLinear if isinstance(child, torch.nn.Linear) else SparseConv2d
+        setattr(parent, child_name, wrapper(child, mask))
+    return model
+
+
+def random_weight_masks(model: torch.nn.Module, dtype=torch.bool, sparsity=0.5) -> dict:
+    """A random mask for the weight of every Linear and Conv2d of a model."""
+    return {
+        name: (torch.rand(m.weight.shape) >= sparsity).to(dtype)
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
