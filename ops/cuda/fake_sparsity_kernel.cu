@@ -42,6 +42,9 @@ constexpr int kUnroll = 4;
 constexpr int kMaxLoadBytes = 16;
 // Dimensions the strided kernel takes after merging (TensorIterator's limit).
 constexpr int kMaxDims = 25;
+// The flat kernel's last numel % kVec (< kVec <= kMaxLoadBytes) elements go
+// to one thread each of the first block.
+static_assert(kThreadsPerBlock >= kMaxLoadBytes, "first block must cover the tail");
 
 template <typename compute_t, typename out_t, typename x_t, typename mask_t>
 C10_HOST_DEVICE inline out_t masked_value(mask_t m, x_t v) {
