@@ -1,0 +1,414 @@
+"""CUDA kernels of sparsity::fake_sparsity and fake_sparsity_.
+
+Every result is compared bit for bit with what PyTorch itself computes on the
+GPU (`mask * x`, `x.mul_(mask)`), over every dtype pair and over the memory
+layouts that pick different kernel paths: contiguous with 16-byte vector
+loads, contiguous but misaligned (one element per load), shared dense
+non-contiguous layouts, the strided kernel, more than 25 dimensions, and more
+than 2^31 elements. The whole module skips, with the reason, without a GPU.
+"""
+
+import io
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=(
+        "no CUDA device: torch.cuda.is_available() is False "
+        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+    ),
+)
+
+fake_sparsity = torch.ops.sparsity.fake_sparsity
+fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
+
+X_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MASK_DTYPES = [torch.bool, torch.uint8] + X_DTYPES
+DTYPE_PAIRS = [(x, m) for x in X_DTYPES for m in MASK_DTYPES]
+
+
+def _pair_id(pair):
+    return f"x_{str(pair[0])[6:]}-mask_{str(pair[1])[6:]}"
+
+
+# 0-d, empty, 1-d to 5-d, sizes that are not multiples of any vector width.
+SHAPES = [
+    (),
+    (0,),
+    (3, 0, 2),
+    (1,),
+    (7,),
+    (1029,),
+    (4, 33),
+    (3, 5, 7),
+    (2, 3, 4, 5),
+    (2, 1, 3, 5, 3),
+]
+
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library_has_cuda_kernels():
+    # A library built without CUDA would make every test below fail with a
+    # dispatcher error; say what is wrong instead.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
+        pytest.fail("the loaded torch-sparsity library has no CUDA kernels (built with TORCH_SPARSITY_WITH_CUDA=OFF?)")
+
+
+def assert_bitwise_equal(actual, expected, what=""):
+    """Same dtype, shape and device, NaN in the same places, and the same bits
+    everywhere else (so -0.0 differs from 0.0). NaN payloads are not compared."""
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.device == expected.device, (what, actual.device, expected.device)
+    a = actual.detach().contiguous()
+    e = expected.detach().contiguous()
+    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
+    a_bits = a.view(_BITS[a.dtype]).masked_fill(a_nan, 0)
+    e_bits = e.view(_BITS[e.dtype]).masked_fill(e_nan, 0)
+    mismatch = (a_nan != e_nan) | (a_bits != e_bits)
+    if mismatch.any():
+        index = tuple(mismatch.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(mismatch.sum())} of {a.numel()} elements differ; first at "
+            f"{index}: {a[index].item()!r} vs expected {e[index].item()!r}"
+        )
+
+
+def make_x(shape, dtype, device="cuda"):
+    """Random values with NaN, +-Inf, signed zeros and tiny values mixed in."""
+    x = torch.randn(shape, dtype=torch.float64) * 4
+    if x.numel() > 0:
+        flat = x.view(-1)
+        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 5),))
+        specials = torch.tensor(
+            [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.5, 1e-39, 7e4], dtype=torch.float64
+        )
+        flat[picks] = specials[torch.randint(0, len(specials), (len(picks),))]
+    return x.to(dtype).to(device)
+
+
+def make_mask(shape, dtype, device="cuda"):
+    """Mostly 0/1; uint8 masks also hold 2 and 255, floating masks also 0.5,
+    -2, -0.0, NaN and Inf."""
+    keep = torch.rand(shape) > 0.5
+    if dtype == torch.bool:
+        return keep.to(device)
+    mask = keep.to(dtype)
+    if mask.numel() > 0:
+        flat = mask.view(-1)
+        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 4),))
+        if dtype == torch.uint8:
+            values = torch.tensor([2, 255], dtype=torch.uint8)
+        else:
+            values = torch.tensor([0.5, -2.0, -0.0, float("nan"), float("inf")], dtype=torch.float64).to(dtype)
+        flat[picks] = values[torch.randint(0, len(values), (len(picks),))]
+    return mask.to(device)
+
+
+# Layouts: each takes a contiguous tensor and returns one holding the same
+# values (or, for "expanded", values taken from it) in another memory layout.
+def _contiguous(t):
+    return t.clone()
+
+
+def _offset_by_one(t):
+    # Storage offset of one element: data_ptr is not 16-byte aligned.
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _transposed(t):
+    order = list(range(t.dim()))[::-1]
+    return t.permute(order).contiguous().permute(order)
+
+
+def _stepped(t):
+    # Every other element of a tensor twice as long in the last dimension.
+    buffer = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+    view = buffer[..., ::2]
+    view.copy_(t)
+    return view
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _expanded(t):
+    # Stride 0 in the first dimension: every row is row 0.
+    return t.narrow(0, 0, 1).expand(t.shape)
+
+
+def layouts_for(shape, for_mask):
+    ndim, numel = len(shape), 1
+    for size in shape:
+        numel *= size
+    layouts = [("contiguous", _contiguous), ("offset1", _offset_by_one)]
+    if ndim >= 2:
+        layouts.append(("transposed", _transposed))
+    if ndim >= 1 and numel > 0:
+        layouts.append(("stepped", _stepped))
+    if ndim == 4:
+        layouts.append(("channels_last", _channels_last))
+    if for_mask and ndim >= 1 and numel > 0 and shape[0] > 1:
+        layouts.append(("expanded", _expanded))
+    return layouts
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+def test_matches_mask_times_x(dtypes):
+    x_dtype, mask_dtype = dtypes
+    for shape in SHAPES:
+        x_values = make_x(shape, x_dtype)
+        mask_values = make_mask(shape, mask_dtype)
+        for x_name, x_layout in layouts_for(shape, for_mask=False):
+            for mask_name, mask_layout in layouts_for(shape, for_mask=True):
+                x, mask = x_layout(x_values), mask_layout(mask_values)
+                out = fake_sparsity(x, mask)
+                assert_bitwise_equal(out, mask * x, f"shape {shape}, x {x_name}, mask {mask_name}")
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+def test_in_place_matches_mul_(dtypes):
+    x_dtype, mask_dtype = dtypes
+    for shape in SHAPES:
+        x_values = make_x(shape, x_dtype)
+        mask_values = make_mask(shape, mask_dtype)
+        for x_name, x_layout in layouts_for(shape, for_mask=False):
+            for mask_name, mask_layout in layouts_for(shape, for_mask=True):
+                mask = mask_layout(mask_values)
+                x, expected = x_layout(x_values), x_layout(x_values)
+                x_ptr, x_strides = x.data_ptr(), x.stride()
+                returned = fake_sparsity_(x, mask)
+                expected.mul_(mask)
+                what = f"shape {shape}, x {x_name}, mask {mask_name}"
+                assert returned.data_ptr() == x_ptr and returned.stride() == x_strides, what
+                assert_bitwise_equal(x, expected, what)
+
+
+@pytest.mark.parametrize(
+    "x_dtype, mask_dtype",
+    [(torch.float32, torch.bool), (torch.float32, torch.float32), (torch.float16, torch.bool), (torch.bfloat16, torch.uint8)],
+)
+def test_large_tensor(x_dtype, mask_dtype):
+    # Many more elements than one wave of the capped grid: every grid-stride
+    # loop goes round many times; odd numel leaves a vector tail.
+    numel = (1 << 24) + 3
+    x, mask = make_x((numel,), x_dtype), make_mask((numel,), mask_dtype)
+    assert_bitwise_equal(fake_sparsity(x, mask), mask * x, "flat, aligned")
+    assert_bitwise_equal(fake_sparsity(x[1:], mask[1:]), mask[1:] * x[1:], "flat, misaligned")
+    # Strided kernel: x transposed, mask row-major.
+    xt, maskt = x[: 4096 * 4096].view(4096, 4096).t(), mask[: 4096 * 4096].view(4096, 4096)
+    assert_bitwise_equal(fake_sparsity(xt, maskt), maskt * xt, "strided")
+
+
+def test_more_than_25_dimensions():
+    # 26 dimensions of size 2 that no two neighbours can be merged (x's strides
+    # are reversed): the kernel falls back to contiguous copies.
+    shape = (2,) * 26
+    order = list(range(26))[::-1]
+    x = make_x(shape, torch.float16).permute(order).contiguous().permute(order)
+    mask = make_mask(shape, torch.bool)
+    assert_bitwise_equal(fake_sparsity(x, mask), mask * x, "26-d")
+    expected = x.clone().mul_(mask)
+    fake_sparsity_(x, mask)
+    assert_bitwise_equal(x, expected, "26-d in place")
+
+
+def test_runs_on_current_stream():
+    # The side stream is kept busy before x is written; a kernel launched on
+    # any other stream would read x before that write.
+    if not hasattr(torch.cuda, "_sleep"):
+        pytest.skip("torch.cuda._sleep is not available in this torch")
+    numel = 1 << 22
+    source = make_x((numel,), torch.float32)
+    mask = make_mask((numel,), torch.bool)
+    x = torch.zeros(numel, device="cuda")
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        x.copy_(source)
+        out = fake_sparsity(x, mask)
+    side.synchronize()
+    assert_bitwise_equal(out, mask * source, "side stream")
+
+
+def test_zero_size_inputs_launch_nothing_and_keep_shape():
+    for shape in [(0,), (4, 0), (0, 3, 5)]:
+        x = torch.empty(shape, device="cuda", dtype=torch.float16)
+        out = fake_sparsity(x, torch.empty(shape, device="cuda", dtype=torch.float32))
+        assert out.shape == shape and out.dtype == torch.float32 and out.is_cuda
+        assert fake_sparsity_(x, torch.empty(shape, device="cuda", dtype=torch.bool)).shape == shape
+
+
+def test_in_place_rejects_overlapping_x():
+    x = torch.randn(5, device="cuda").expand(3, 5)
+    with pytest.raises(RuntimeError, match="in place"):
+        fake_sparsity_(x, torch.ones(3, 5, device="cuda", dtype=torch.bool))
+    base = torch.randn(10, device="cuda")
+    with pytest.raises(RuntimeError):
+        fake_sparsity_(base[:6], base[2:8])
+
+
+def test_device_mismatch_names_both_devices():
+    x = torch.randn(3, 4, device="cuda")
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    for a, b in [(x, mask), (x.cpu(), mask.cuda())]:
+        with pytest.raises(RuntimeError, match=r"(?s)same device.*(cuda:0.*cpu|cpu.*cuda:0)"):
+            fake_sparsity(a, b)
+    with pytest.raises(RuntimeError, match=r"(?s)cuda:0.*cpu"):
+        fake_sparsity_(x, mask)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(RuntimeError, match=r"\[3, 4\].*\[4, 3\]|\[4, 3\].*\[3, 4\]"):
+        fake_sparsity(torch.randn(3, 4, device="cuda"), torch.ones(4, 3, device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_devices():
+    x0 = torch.randn(3, 4, device="cuda:0")
+    mask1 = torch.ones(3, 4, device="cuda:1")
+    with pytest.raises(RuntimeError, match=r"(?s)cuda:0.*cuda:1"):
+        fake_sparsity(x0, mask1)
+    # Inputs on a device that is not the current one: the kernel must run on
+    # theirs (device guard), and the result must live there.
+    x1 = make_x((1000,), torch.float32, device="cuda:1")
+    m1 = make_mask((1000,), torch.bool, device="cuda:1")
+    with torch.cuda.device(0):
+        out = fake_sparsity(x1, m1)
+        expected = m1 * x1
+        y = x1.clone()
+        fake_sparsity_(y, m1)
+    assert out.device == torch.device("cuda:1")
+    assert_bitwise_equal(out, expected, "cuda:1 from current device 0")
+    assert_bitwise_equal(y, expected, "cuda:1 in place from current device 0")
+
+
+def test_gradcheck_and_gradgradcheck():
+    x = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    mask = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    torch.autograd.gradcheck(fake_sparsity, (x, mask))
+    torch.autograd.gradgradcheck(fake_sparsity, (x, mask))
+    # Non-contiguous x, bool mask (no gradient for it).
+    xt = torch.randn(5, 4, dtype=torch.float64, device="cuda").t().requires_grad_()
+    bool_mask = torch.rand(4, 5, device="cuda") > 0.5
+    torch.autograd.gradcheck(lambda a: fake_sparsity(a, bool_mask), (xt,))
+    torch.autograd.gradgradcheck(lambda a: fake_sparsity(a, bool_mask), (xt,))
+
+
+def test_in_place_gradcheck_and_gradgradcheck():
+    x = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    mask = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+
+    def in_place(a, m):
+        return fake_sparsity_(a.clone(), m)
+
+    torch.autograd.gradcheck(in_place, (x, mask))
+    torch.autograd.gradgradcheck(in_place, (x, mask))
+
+
+def test_backward_values_on_cuda():
+    x = make_x((6, 7), torch.float32).nan_to_num().requires_grad_()
+    mask = (torch.rand(6, 7, device="cuda") > 0.5).float().requires_grad_()
+    grad = torch.randn(6, 7, device="cuda")
+    fake_sparsity(x, mask).backward(grad)
+    assert x.grad.is_cuda and mask.grad.is_cuda
+    assert_bitwise_equal(x.grad, grad * mask.detach(), "dx")
+    assert_bitwise_equal(mask.grad, grad * x.detach(), "dmask")
+
+
+def test_opcheck():
+    samples = [
+        (torch.randn(3, 4, device="cuda"), torch.rand(3, 4, device="cuda") > 0.5),
+        (torch.randn(3, 4, device="cuda", requires_grad=True), torch.rand(3, 4, device="cuda", requires_grad=True)),
+        (torch.randn(4, 3, device="cuda", dtype=torch.float16).t(), torch.rand(3, 4, device="cuda")),
+    ]
+    for x, mask in samples:
+        torch.library.opcheck(fake_sparsity.default, (x, mask))
+        # torch.compile cannot functionalize a custom op whose output aliases
+        # an input (the SPEC's "-> Tensor(a!)"), so no aot_dispatch test here.
+        torch.library.opcheck(
+            fake_sparsity_.default,
+            (x.detach().clone(), mask),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
+
+
+class _MaskedAdd(torch.nn.Module):
+    """forward(x) = FakeSparsity(mask).forward(x) + bias."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.sparsity = torch.classes.sparsity.FakeSparsity(mask)
+        self.bias = torch.nn.Parameter(torch.randn(mask.shape[-1]))
+
+    def forward(self, x):
+        return self.sparsity.forward(x) + self.bias
+
+
+def test_scripted_module_moved_with_cuda():
+    mask = torch.rand(3, 8) > 0.5
+    module = torch.jit.script(_MaskedAdd(mask))
+    x = make_x((3, 8), torch.float32).nan_to_num()
+    moved = module.cuda()
+    out = moved(x)
+    assert out.is_cuda
+    assert_bitwise_equal(out, mask.cuda() * x + module.bias, "after .cuda()")
+
+
+def test_scripted_module_loaded_with_map_location_cuda():
+    mask = torch.rand(3, 8) > 0.5
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(_MaskedAdd(mask)), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer, map_location="cuda")
+    x = make_x((3, 8), torch.float32).nan_to_num()
+    out = loaded(x)
+    assert out.is_cuda and loaded.bias.is_cuda
+    assert_bitwise_equal(out, mask.cuda() * x + loaded.bias, "after jit.load(map_location='cuda')")
+
+
+def test_more_than_2_pow_31_elements():
+    # Offsets past 2^31 in the flat kernel (and in place), the vector tail at
+    # the very end, and the strided kernel. About 19 GB at peak.
+    free_bytes, _ = torch.cuda.mem_get_info()
+    if free_bytes < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free_bytes / 2**30:.1f} GiB free")
+    numel = 2**31 + 18
+    try:
+        x = torch.randn(numel, dtype=torch.float16, device="cuda")
+        mask = torch.randint(0, 2, (numel,), dtype=torch.uint8, device="cuda").bool()
+        expected = mask * x
+        out = fake_sparsity(x, mask)
+        for part in [slice(0, 4096), slice(2**31 - 4096, 2**31 + 4096), slice(numel - 4096, numel)]:
+            assert_bitwise_equal(out[part], expected[part], f"elements {part.start}..{part.stop}")
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), "some element differs"
+        del out
+
+        # Strided: x column-major, mask row-major, offsets up to ~2^31.
+        xs, ms = x.view(2, numel // 2).t(), mask.view(numel // 2, 2)
+        out = fake_sparsity(xs, ms)
+        expected_strided = ms * xs
+        assert_bitwise_equal(out[-4096:], expected_strided[-4096:], "strided tail")
+        assert torch.equal(out.view(torch.int16), expected_strided.view(torch.int16)), "strided: some element differs"
+        del out, expected_strided
+
+        fake_sparsity_(x, mask)
+        assert_bitwise_equal(x[-4096:], expected[-4096:], "in-place tail")
+        assert torch.equal(x.view(torch.int16), expected.view(torch.int16)), "in place: some element differs"
+    finally:
+        x = mask = expected = xs = ms = out = expected_strided = None
+        torch.cuda.empty_cache()
