@@ -104,6 +104,15 @@ std::optional<Module> child_module(const Module& module, const std::string& name
   return Module(value.toObject());
 }
 
+torch::jit::Function* property_getter(const c10::ClassType& type, const std::string& name) {
+  for (const auto& property : type.properties()) {
+    if (property.name == name) {
+      return property.getter;
+    }
+  }
+  return nullptr;
+}
+
 // Walks `path` from `root`; see fqn_to_module in the header.
 c10::IValue walk_path(const c10::IValue& root, const std::string& path) {
   if (path.empty()) {
@@ -118,12 +127,18 @@ c10::IValue walk_path(const c10::IValue& root, const std::string& path) {
       return c10::IValue();
     }
     const auto& object = current.toObjectRef();
-    // An empty piece is never an attribute name, so it gives None here.
-    const auto slot = object.type()->findAttributeSlot(path.substr(begin, end - begin));
-    if (!slot) {
+    const std::string name = path.substr(begin, end - begin);
+    // An empty piece is never an attribute or property name: it gives None.
+    if (const auto slot = object.type()->findAttributeSlot(name)) {
+      current = object.getSlot(*slot);
+    } else if (torch::jit::Function* getter = property_getter(*object.type(), name)) {
+      // Properties count as attributes, as for Python's getattr (e.g. the
+      // `mask` of a torch.classes.sparsity.FakeSparsity).
+      c10::IValue self = current;
+      current = (*getter)({std::move(self)});
+    } else {
       return c10::IValue();
     }
-    current = object.getSlot(*slot);
     if (dot == std::string::npos) {
       return current;
     }

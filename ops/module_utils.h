@@ -31,8 +31,10 @@ std::optional<std::string> module_to_fqn(
 // What `path` names inside `model`: "" gives `model`; otherwise each
 // dot-separated name is looked up in turn among the attributes of the object
 // reached so far (in TorchScript submodules, parameters, buffers and other
-// attributes share one namespace). A missing name, an empty piece, or a path
-// that goes on through a non-object (a tensor, a number) gives None.
+// attributes share one namespace), then among its properties (so
+// "sparsity.mask" reaches the mask of a FakeSparsity object). A missing name,
+// an empty piece, or a path that goes on through a non-object (a tensor, a
+// number) gives None.
 c10::IValue fqn_to_module(
     const torch::jit::Module& model,
     const std::string& path);
