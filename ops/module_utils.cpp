@@ -4,6 +4,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/_has_compatible_shallow_copy_type.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -27,17 +29,25 @@ bool is_module_value(const c10::IValue& value) {
   return value.isObject() && value.toObjectRef().type()->is_module();
 }
 
+// A type's name for messages: the qualified name, without the address of the
+// compilation unit that repr_str() appends to class types.
+std::string type_name(const c10::Type& type) {
+  if (const auto* named = type.castRaw<c10::NamedType>(); named && named->name()) {
+    return named->name()->qualifiedName();
+  }
+  return type.repr_str();
+}
+
 // What a value is, for error messages.
 std::string describe(const c10::IValue& value) {
   if (value.isNone()) {
     return "None";
   }
   if (value.isObject()) {
-    const auto& name = value.toObjectRef().type()->name();
-    return std::string(value.toObjectRef().type()->is_module() ? "a module of type " : "an object of type ") +
-        (name ? name->qualifiedName() : std::string("<unnamed>"));
+    const auto& type = *value.toObjectRef().type();
+    return std::string(type.is_module() ? "a module of type " : "an object of type ") + type_name(type);
   }
-  return "a value of type " + value.type()->repr_str();
+  return "a value of type " + type_name(*value.type());
 }
 
 Module as_module(const c10::IValue& value, const char* op, const char* arg) {
@@ -175,6 +185,34 @@ std::vector<c10::Device> tensor_devices(const Module& module) {
   return devices;
 }
 
+// Moves the parameters and buffers of `module` and its submodules to
+// `device`, as nn.Module.to does: in place (set_data, so holders of a tensor
+// keep it) where the tensor types allow it, else by putting the moved tensor
+// in the slot (cpu <-> meta). torch::jit::Module::to only does the former.
+void move_to(const Module& module, const c10::Device& device) {
+  c10::AutoGradMode no_grad(false);
+  for (const Module& submodule : module.modules()) {
+    const auto& type = submodule.type();
+    for (size_t slot = 0; slot < type->numAttributes(); ++slot) {
+      if (!type->is_parameter(slot) && !type->is_buffer(slot)) {
+        continue;
+      }
+      const c10::IValue value = submodule._ivalue()->getSlot(slot);
+      if (!value.isTensor() || value.toTensor().device() == device) {
+        continue;
+      }
+      at::Tensor tensor = value.toTensor();
+      at::Tensor moved = tensor.to(device);
+      if (at::_has_compatible_shallow_copy_type(tensor, moved)) {
+        tensor.set_data(moved);
+      } else {
+        moved.set_requires_grad(tensor.requires_grad());
+        submodule._ivalue()->setSlot(slot, moved);
+      }
+    }
+  }
+}
+
 std::string devices_repr(const std::vector<c10::Device>& devices) {
   std::string out = "{";
   for (size_t i = 0; i < devices.size(); ++i) {
@@ -267,16 +305,37 @@ Module swap_module(const Module& mod, const SwapMapping& mapping) {
       "swap_module: the prototype mapped to '",
       key,
       "' (a module of type ",
-      prototype.type()->repr_str(),
+      type_name(*prototype.type()),
       ") has no scripted method from_dense; define `@torch.jit.export def from_dense(self, dense: Any) -> None` "
       "that fills self from the dense module");
   // TorchScript cannot construct modules: the replacement is a copy of the
   // prototype (same type, so it fits where the prototype's type is expected)
   // that from_dense fills in. The prototype itself is never changed.
   Module replacement = prototype.deepcopy();
-  replacement.get_method("from_dense")({mod._ivalue()});
+  // Errors raised by scripted code arrive as torch::jit::JITException, which
+  // Python does not see as a RuntimeError: report every failure as this op's
+  // c10::Error, with the context.
+  const auto from_dense_failed = [&](const char* what) {
+    TORCH_CHECK(
+        false,
+        "swap_module: from_dense of the prototype mapped to '",
+        key,
+        "' (type ",
+        type_name(*prototype.type()),
+        ") failed for a module of type ",
+        type_name(*mod.type()),
+        ": ",
+        what);
+  };
+  try {
+    replacement.get_method("from_dense")({mod._ivalue()});
+  } catch (const c10::Error& error) {
+    from_dense_failed(error.what_without_backtrace());
+  } catch (const std::exception& error) {
+    from_dense_failed(error.what());
+  }
   if (devices.size() == 1) {
-    replacement.to(devices.front());
+    move_to(replacement, devices.front());
   }
 
   const auto& dense_type = mod.type();
@@ -284,9 +343,9 @@ Module swap_module(const Module& mod, const SwapMapping& mapping) {
       (!dense_type->getForwardHooks().empty() || !dense_type->getForwardPreHooks().empty())) {
     TORCH_WARN(
         "swap_module: the forward hooks of the dense module (type ",
-        dense_type->repr_str(),
+        type_name(*dense_type),
         ") are compiled into its type and cannot move to the replacement (type ",
-        replacement.type()->repr_str(),
+        type_name(*replacement.type()),
         "); the replacement keeps only the hooks of its own type");
   }
   return replacement;
@@ -303,7 +362,7 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
       "set_submodule: '",
       owner_path,
       "' does not name a submodule of the parent (type ",
-      parent.type()->repr_str(),
+      type_name(*parent.type()),
       "), so '",
       name,
       "' cannot be set");
@@ -312,7 +371,7 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
   TORCH_CHECK(
       slot.has_value(),
       "set_submodule: module of type ",
-      owner.type()->repr_str(),
+      type_name(*owner.type()),
       " has no attribute '",
       attribute,
       "'; only an existing submodule can be replaced");
@@ -325,9 +384,9 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
         "set_submodule: '",
         name,
         "' is declared with the module interface ",
-        interface->repr_str(),
+        type_name(*interface),
         ", which the new module (type ",
-        new_module.type()->repr_str(),
+        type_name(*new_module.type()),
         ") does not implement: ",
         why_not.str());
   } else if (declared->castRaw<c10::ClassType>() && declared->is_module()) {
@@ -338,9 +397,9 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
         "set_submodule: '",
         name,
         "' is declared with the module type ",
-        declared->repr_str(),
+        type_name(*declared),
         ", and the parent's compiled code calls it through that type, so it cannot hold a module of type ",
-        new_module.type()->repr_str(),
+        type_name(*new_module.type()),
         "; declare the attribute with a module interface type (@torch.jit.interface) that both implement");
   } else {
     TORCH_CHECK(
@@ -348,7 +407,7 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
         "set_submodule: '",
         name,
         "' is an attribute of type ",
-        declared->repr_str(),
+        type_name(*declared),
         ", not a submodule");
   }
   owner._ivalue()->setSlot(*slot, new_module._ivalue());

@@ -65,7 +65,7 @@ def module_to_fqn(model, module, prefix: str = "") -> Optional[str]:
 def fqn_to_module(model, path: str):
     """The submodule, parameter, buffer or attribute named by ``path``, or None."""
     result = torch.ops.sparsity.fqn_to_module(_cpp(model), path)
-    if isinstance(model, torch.jit.ScriptModule) and result == model._c:
+    if isinstance(model, torch.jit.ScriptModule) and isinstance(result, torch._C.ScriptModule) and result == model._c:
         return model  # path "": the caller's own wrapper, as in PyTorch
     return _wrap(result)
 
@@ -105,7 +105,9 @@ def set_submodule(parent, name: str, new_module) -> None:
         # A ScriptModule keeps Python wrappers of its submodules; replace the
         # stale one so that attribute access from Python sees the new module.
         owner_path, _, attribute = name.rpartition(".")
-        owner = parent.get_submodule(owner_path) if owner_path else parent
+        owner = parent
+        for piece in owner_path.split(".") if owner_path else []:
+            owner = getattr(owner, piece)  # ScriptModules lack get_submodule
         if not isinstance(new_module, torch.jit.ScriptModule):
             new_module = wrap_cpp_module(owner._c.getattr(attribute))
         owner._modules[attribute] = new_module
