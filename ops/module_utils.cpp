@@ -156,6 +156,30 @@ c10::IValue walk_path(const c10::IValue& root, const std::string& path) {
   }
 }
 
+// The path of `target` below `node`: depth-first over the submodules in
+// attribute order, checking each child before descending into it, as
+// PyTorch's module_to_fqn does. Walks the slots directly (no named_children()
+// lists, no names built until found): the search visits every submodule.
+std::optional<std::string> path_below(const c10::ivalue::Object& node, const c10::ivalue::Object& target) {
+  const auto& type = node.type();
+  for (size_t slot = 0; slot < type->numAttributes(); ++slot) {
+    if (!type->getAttribute(slot)->is_module()) {
+      continue;
+    }
+    const c10::IValue& child = node.getSlot(slot);
+    if (!child.isObject()) {
+      continue;
+    }
+    if (&child.toObjectRef() == &target) {
+      return type->getAttributeName(slot);
+    }
+    if (auto rest = path_below(child.toObjectRef(), target)) {
+      return type->getAttributeName(slot) + "." + *rest;
+    }
+  }
+  return std::nullopt;
+}
+
 // Python's repr of a torch.device: device(type='cuda', index=0).
 std::string device_repr(const c10::Device& device) {
   std::ostringstream out;
@@ -230,10 +254,8 @@ std::optional<std::string> module_to_fqn(
   if (model._ivalue() == module._ivalue()) {
     return std::string();
   }
-  for (const auto& child : model.named_children()) {
-    if (auto fqn = module_to_fqn(child.value, module, ".")) {
-      return prefix + child.name + *fqn;
-    }
+  if (auto path = path_below(*model._ivalue(), *module._ivalue())) {
+    return prefix + *path;
   }
   return std::nullopt;
 }
