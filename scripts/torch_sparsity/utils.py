@@ -62,11 +62,25 @@ def module_to_fqn(model, module, prefix: str = "") -> Optional[str]:
     return torch.ops.sparsity.module_to_fqn(_cpp(model), _cpp(module), prefix)
 
 
+def _cached_wrapper(model, path: str, found):
+    """The ScriptModule wrapper that ``model`` already holds for the module
+    ``found`` at ``path``, so that results are ``is``-identical to
+    ``model.<path>`` as in PyTorch; None if there is none."""
+    wrapper = model
+    for piece in path.split(".") if path else []:
+        if not isinstance(wrapper, torch.jit.ScriptModule) or piece not in wrapper._modules:
+            return None
+        wrapper = wrapper._modules[piece]
+    return wrapper if isinstance(wrapper, torch.jit.ScriptModule) and wrapper._c == found else None
+
+
 def fqn_to_module(model, path: str):
     """The submodule, parameter, buffer or attribute named by ``path``, or None."""
     result = torch.ops.sparsity.fqn_to_module(_cpp(model), path)
-    if isinstance(model, torch.jit.ScriptModule) and isinstance(result, torch._C.ScriptModule) and result == model._c:
-        return model  # path "": the caller's own wrapper, as in PyTorch
+    if isinstance(result, torch._C.ScriptModule) and isinstance(model, torch.jit.ScriptModule):
+        cached = _cached_wrapper(model, path, result)
+        if cached is not None:
+            return cached
     return _wrap(result)
 
 

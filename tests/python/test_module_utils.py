@@ -149,6 +149,8 @@ def test_fqn_to_module_every_submodule_parameter_buffer(vision_pair):
         found = utils.fqn_to_module(jit_model, name)
         assert isinstance(found, torch.jit.ScriptModule), name
         assert same_object(found, jit_submodule), name
+        assert found is jit_submodule, name  # the model's own wrapper, as in PyTorch
+        assert torch.ops.sparsity.fqn_to_module(jit_model._c, name) == jit_submodule._c
     tensors = dict(jit_model.named_parameters())
     tensors.update(jit_model.named_buffers())
     assert len(tensors) > 20
