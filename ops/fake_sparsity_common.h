@@ -107,6 +107,20 @@ inline void check_inplace_overlap(
   at::assert_no_partial_overlap(x, mask);
 }
 
+// True when x, mask and out can be walked as one flat array each, element i
+// of one matching element i of the others: contiguous, or one dense layout
+// (channels-last, any dense permutation) shared by all three.
+inline bool share_dense_layout(
+    const at::Tensor& x,
+    const at::Tensor& mask,
+    const at::Tensor& out) {
+  if (x.is_contiguous() && mask.is_contiguous() && out.is_contiguous()) {
+    return true;
+  }
+  return x.is_non_overlapping_and_dense() && mask.strides() == x.strides() &&
+      out.strides() == x.strides();
+}
+
 // Calls f with a value of the C++ type of a floating dtype (the value is only
 // a type tag).
 template <typename F>

@@ -3,14 +3,19 @@
 
 Every figure comes from this one run: the median time of the plugin's
 operator, of `mask * x` with the same mask, of `mask * x` with a float32
-mask, and of a plain copy (y.copy_(x)), whose bytes read plus written per
-second is the bandwidth the kernels are held against. Bytes moved by
+mask, and of a plain copy into a preallocated tensor (y.copy_(x)), whose bytes
+read plus written per second is the bandwidth the kernels are held against.
+The calls are interleaved in random order; a speed-up is the median over
+rounds of that round's ratio. fake_sparsity and mask * x both allocate their
+result, so at large sizes both pay the page faults of fresh memory, which the
+copy does not. Bytes moved by
 fake_sparsity: x read + mask read + result written.
 
     .venv/bin/python scripts/bench_op.py [--sizes 1M 16M] [--repeat 50]
 """
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -29,19 +34,34 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * UNITS[text[-1]] if text[-1] in UNITS else int(text)
 
 
-def interleaved_medians(fns: dict, repeat: int) -> dict:
-    """Median seconds of each function, timed in turns so that drift in the
-    machine's speed hits all of them alike."""
+def interleaved_samples(fns: dict, repeat: int) -> dict:
+    """Seconds of each call of each function, timed in turns (in a new random order
+    each round) so that drift in the machine's speed, and whatever one call
+    leaves in the caches for the next, hits all of them alike."""
     for fn in fns.values():  # warm-up: allocator, page faults, thread pool
         fn()
         fn()
     samples = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeat):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def median(samples):
+    return statistics.median(samples)
+
+
+def paired_ratio(numerators, denominators):
+    """Median over rounds of one round's ratio: both sides of each pair ran
+    moments apart, so the machine's drift cancels out."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def bench_size(numel: int, x_dtype: torch.dtype, mask_dtypes, repeat: int):
@@ -56,7 +76,8 @@ def bench_size(numel: int, x_dtype: torch.dtype, mask_dtypes, repeat: int):
     for dtype, mask in masks.items():
         fns[f"ours_{dtype}"] = lambda mask=mask: fake_sparsity(x, mask)
         fns[f"mul_{dtype}"] = lambda mask=mask: mask * x
-    t = interleaved_medians(fns, repeat)
+    samples = interleaved_samples(fns, repeat)
+    t = {name: median(s) for name, s in samples.items()}
 
     copy_bw = 2 * x.element_size() * numel / t["copy"]
     rows = []
@@ -71,8 +92,8 @@ def bench_size(numel: int, x_dtype: torch.dtype, mask_dtypes, repeat: int):
                 "mask": str(dtype).replace("torch.", ""),
                 "ours_ms": ours * 1e3,
                 "mul_ms": t[f"mul_{dtype}"] * 1e3,
-                "vs_mul": t[f"mul_{dtype}"] / ours,
-                "vs_mul_float_mask": t["mul_float_mask"] / ours,
+                "vs_mul": paired_ratio(samples[f"mul_{dtype}"], samples[f"ours_{dtype}"]),
+                "vs_mul_float_mask": paired_ratio(samples["mul_float_mask"], samples[f"ours_{dtype}"]),
                 "GBps": moved / ours / 1e9,
                 "of_copy_bw": moved / ours / copy_bw,
                 "copy_GBps": copy_bw / 1e9,

@@ -109,7 +109,17 @@ class FakeSparsityInplaceFunction
   }
 };
 
+// Whether a graph node is needed. Without one, the Function machinery (a
+// context, saved dtypes) is skipped: it costs microseconds per call, which
+// shows on small tensors and in inference.
+bool needs_graph(const at::Tensor& x, const at::Tensor& mask) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || mask.requires_grad());
+}
+
 at::Tensor fake_sparsity_autograd(const at::Tensor& x, const at::Tensor& mask) {
+  if (!needs_graph(x, mask)) {
+    return call_fake_sparsity_below_autograd(x, mask);
+  }
   return FakeSparsityFunction::apply(x, mask);
 }
 
@@ -119,9 +129,14 @@ at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
       !(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
       "fake_sparsity_: x is a leaf tensor that requires grad and cannot be "
       "modified in place; use fake_sparsity, or call it under torch.no_grad()");
+  if (!needs_graph(x, mask)) {
+    call_fake_sparsity__below_autograd(x, mask);
+    torch::autograd::increment_version(x);
+    return x;
+  }
   // Taken here, with grad mode on, so that it is differentiable.
   std::optional<at::Tensor> x_before;
-  if (mask.requires_grad() && at::GradMode::is_enabled()) {
+  if (mask.requires_grad()) {
     x_before = x.clone();
   }
   FakeSparsityInplaceFunction::apply(x, mask, x_before);

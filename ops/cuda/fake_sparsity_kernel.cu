@@ -177,19 +177,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock) apply_mask_strided_kernel(
   }
 }
 
-// True when x, mask and out can be walked as one flat array each, element i
-// of one matching element i of the others (as on the CPU).
-bool share_dense_layout(
-    const at::Tensor& x,
-    const at::Tensor& mask,
-    const at::Tensor& out) {
-  if (x.is_contiguous() && mask.is_contiguous() && out.is_contiguous()) {
-    return true;
-  }
-  return x.is_non_overlapping_and_dense() && mask.strides() == x.strides() &&
-      out.strides() == x.strides();
-}
-
 // Fills layout with x's shape, dropping size-1 dimensions and merging each
 // dimension into the one outside it when all three tensors step through them
 // as one (fewer divisions per element). False when more than kMaxDims remain.
@@ -261,7 +248,7 @@ void launch_apply_mask(
   const x_t* x_ptr = x.const_data_ptr<x_t>();
   const mask_t* mask_ptr = mask.const_data_ptr<mask_t>();
 
-  if (share_dense_layout(x, mask, out)) {
+  if (detail::share_dense_layout(x, mask, out)) {
     constexpr int kVec = vector_width<out_t, x_t, mask_t>();
     const bool vectorizable = is_aligned(out_ptr, sizeof(out_t) * kVec) &&
         is_aligned(x_ptr, sizeof(x_t) * kVec) &&
