@@ -30,16 +30,6 @@ class TensorBag(torch.nn.Module):
         return 0
 
 
-class SmallNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
 def write_model(out: Path, name: str, model: torch.nn.Module, example: torch.Tensor):
     from sparsity_testing import random_weight_masks, sparsify_with_plugin
 
@@ -93,6 +83,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torchvision
+    from sparsity_testing import SmallNet
 
     write_model(args.out, "small_net", SmallNet(), torch.randn(2, 3, 6, 6))
     write_model(args.out, "resnet18", torchvision.models.resnet18(weights=None), torch.randn(2, 3, 64, 64))

@@ -104,6 +104,18 @@ STATE_PATCHES = {
 # ------------------------------------------------ layers using the plugin
 
 
+class SmallNet(torch.nn.Module):
+    """A Conv2d and a Linear, for 6x6 inputs with 3 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
 class SparseLinear(torch.nn.Module):
     """A Linear whose weight goes through torch.classes.sparsity.FakeSparsity."""
 

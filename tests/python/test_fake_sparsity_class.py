@@ -10,6 +10,7 @@ import torch
 from sparsity_testing import (
     MASK_DTYPES,
     STATE_PATCHES,
+    SmallNet,
     SparseConv2d,
     SparseLinear,
     assert_bitwise_equal,
@@ -125,16 +126,6 @@ def test_bad_pickled_state_in_a_file_is_a_clear_error(tmp_path, case):
 
 
 # ------------------------------------------------------- scripted modules
-
-
-class SmallNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def _eager_and_scripted(mask_dtype):
