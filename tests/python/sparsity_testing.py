@@ -16,16 +16,17 @@ _BITS = {
 }
 
 
-def assert_bitwise_equal(actual, expected):
-    """Same dtype and shape, NaN in the same places, and every other element
-    with the same bits (so -0.0 differs from 0.0).
+def assert_bitwise_equal(actual, expected, what=""):
+    """Same dtype, shape and device, NaN in the same places, and every other
+    element with the same bits (so -0.0 differs from 0.0).
 
     NaN payloads and signs are not compared: PyTorch's own float16 -> float32
     conversion gives different NaN bits on different CPU paths (its AVX512 path
     turns every NaN into 0x7fffffff, the scalar path keeps sign and payload).
     """
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.device == expected.device, (what, actual.device, expected.device)
     a = actual.detach().contiguous()
     e = expected.detach().contiguous()
     nan_mismatch = torch.zeros_like(a, dtype=torch.bool)
@@ -36,42 +37,44 @@ def assert_bitwise_equal(actual, expected):
         e = e.view(_BITS[e.dtype]).masked_fill(a_nan & e_nan, 0)
     mismatch = (a != e) | nan_mismatch
     if mismatch.any():
-        i = mismatch.nonzero()[0].tolist()
+        i = tuple(mismatch.nonzero()[0].tolist())
         raise AssertionError(
-            f"{int(mismatch.sum())} of {a.numel()} elements differ; first at {i}: "
-            f"{actual[tuple(i)].item()} vs {expected[tuple(i)].item()}"
+            f"{what}: {int(mismatch.sum())} of {a.numel()} elements differ; first at {list(i)}: "
+            f"{actual[i].item()!r} vs expected {expected[i].item()!r}"
         )
 
 
 def make_x(shape, dtype, special=True, device="cpu"):
-    """Random values with NaN, +-Inf and signed zeros sprinkled in."""
-    x = torch.randn(shape, dtype=torch.float64, device=device) * 4
+    """Random values with NaN, +-Inf, signed zeros, a subnormal (for float32)
+    and a value past float16's range sprinkled in. Drawn on the CPU, so a
+    seed gives the same values on every device."""
+    x = torch.randn(shape, dtype=torch.float64) * 4
     if special and x.numel() > 0:
         flat = x.view(-1)
-        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 5),), device=device)
+        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 5),))
         specials = torch.tensor(
-            [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.5], dtype=torch.float64, device=device
+            [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.5, 1e-39, 7e4], dtype=torch.float64
         )
-        flat[picks] = specials[torch.randint(0, len(specials), (len(picks),), device=device)]
-    return x.to(dtype)
+        flat[picks] = specials[torch.randint(0, len(specials), (len(picks),))]
+    return x.to(dtype).to(device)
 
 
 def make_mask(shape, dtype, device="cpu", special=False):
     """A 0/1 mask of the given dtype; with special=True floating masks also
-    hold other values (0.5, -2, NaN, Inf) and uint8 masks hold 2 and 255."""
-    keep = torch.rand(shape, device=device) > 0.5
+    hold other values (0.5, -2, -0.0, NaN, Inf) and uint8 masks hold 2 and 255."""
+    keep = torch.rand(shape) > 0.5
     if dtype == torch.bool:
-        return keep
+        return keep.to(device)
     mask = keep.to(dtype)
     if special and mask.numel() > 0:
         flat = mask.view(-1)
-        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 4),), device=device)
+        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 4),))
         if dtype == torch.uint8:
-            values = torch.tensor([2, 255], dtype=torch.uint8, device=device)
+            values = torch.tensor([2, 255], dtype=torch.uint8)
         else:
-            values = torch.tensor([0.5, -2.0, float("nan"), float("inf")], device=device).to(dtype)
-        flat[picks] = values[torch.randint(0, len(values), (len(picks),), device=device)]
-    return mask
+            values = torch.tensor([0.5, -2.0, -0.0, float("nan"), float("inf")], dtype=torch.float64).to(dtype)
+        flat[picks] = values[torch.randint(0, len(values), (len(picks),))]
+    return mask.to(device)
 
 
 def write_patched_archive(src, dst, old: bytes, new: bytes):

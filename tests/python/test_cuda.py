@@ -11,7 +11,9 @@ than 2^31 elements. The whole module skips, with the reason, without a GPU.
 import io
 
 import pytest
+import sparsity_testing
 import torch
+from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -24,8 +26,6 @@ pytestmark = pytest.mark.skipif(
 fake_sparsity = torch.ops.sparsity.fake_sparsity
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
 
-X_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-MASK_DTYPES = [torch.bool, torch.uint8] + X_DTYPES
 DTYPE_PAIRS = [(x, m) for x in X_DTYPES for m in MASK_DTYPES]
 
 
@@ -47,13 +47,6 @@ SHAPES = [
     (2, 1, 3, 5, 3),
 ]
 
-_BITS = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _library_has_cuda_kernels():
@@ -63,55 +56,12 @@ def _library_has_cuda_kernels():
         pytest.fail("the loaded torch-sparsity library has no CUDA kernels (built with TORCH_SPARSITY_WITH_CUDA=OFF?)")
 
 
-def assert_bitwise_equal(actual, expected, what=""):
-    """Same dtype, shape and device, NaN in the same places, and the same bits
-    everywhere else (so -0.0 differs from 0.0). NaN payloads are not compared."""
-    assert actual.dtype == expected.dtype, (what, actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert actual.device == expected.device, (what, actual.device, expected.device)
-    a = actual.detach().contiguous()
-    e = expected.detach().contiguous()
-    a_nan, e_nan = torch.isnan(a), torch.isnan(e)
-    a_bits = a.view(_BITS[a.dtype]).masked_fill(a_nan, 0)
-    e_bits = e.view(_BITS[e.dtype]).masked_fill(e_nan, 0)
-    mismatch = (a_nan != e_nan) | (a_bits != e_bits)
-    if mismatch.any():
-        index = tuple(mismatch.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(mismatch.sum())} of {a.numel()} elements differ; first at "
-            f"{index}: {a[index].item()!r} vs expected {e[index].item()!r}"
-        )
-
-
 def make_x(shape, dtype, device="cuda"):
-    """Random values with NaN, +-Inf, signed zeros and tiny values mixed in."""
-    x = torch.randn(shape, dtype=torch.float64) * 4
-    if x.numel() > 0:
-        flat = x.view(-1)
-        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 5),))
-        specials = torch.tensor(
-            [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, -1.5, 1e-39, 7e4], dtype=torch.float64
-        )
-        flat[picks] = specials[torch.randint(0, len(specials), (len(picks),))]
-    return x.to(dtype).to(device)
+    return sparsity_testing.make_x(shape, dtype, device=device)
 
 
 def make_mask(shape, dtype, device="cuda"):
-    """Mostly 0/1; uint8 masks also hold 2 and 255, floating masks also 0.5,
-    -2, -0.0, NaN and Inf."""
-    keep = torch.rand(shape) > 0.5
-    if dtype == torch.bool:
-        return keep.to(device)
-    mask = keep.to(dtype)
-    if mask.numel() > 0:
-        flat = mask.view(-1)
-        picks = torch.randint(0, flat.numel(), (max(1, flat.numel() // 4),))
-        if dtype == torch.uint8:
-            values = torch.tensor([2, 255], dtype=torch.uint8)
-        else:
-            values = torch.tensor([0.5, -2.0, -0.0, float("nan"), float("inf")], dtype=torch.float64).to(dtype)
-        flat[picks] = values[torch.randint(0, len(values), (len(picks),))]
-    return mask.to(device)
+    return sparsity_testing.make_mask(shape, dtype, device=device, special=True)
 
 
 # Layouts: each takes a contiguous tensor and returns one holding the same
