@@ -18,6 +18,12 @@ namespace sparsity {
 
 namespace {
 
+// A tensor's version counter, read directly: Tensor::_version() is a
+// dispatcher call, which would be most of the cost of a cache hit.
+uint32_t version_of(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->version_counter().current_version();
+}
+
 void check_mask(const char* where, const at::Tensor& mask) {
   TORCH_CHECK(mask.defined(), where, ": mask is an undefined tensor");
   TORCH_CHECK(
@@ -91,7 +97,7 @@ FakeSparsity::Stamp::Stamp(const at::Tensor& t)
       strides(t.strides().begin(), t.strides().end()),
       dtype(t.scalar_type()),
       device(t.device()),
-      version(t._version()) {}
+      version(version_of(t)) {}
 
 bool FakeSparsity::Stamp::matches(const at::Tensor& t) const {
   // The weak references keep both addresses from being reused, so equal
@@ -100,7 +106,7 @@ bool FakeSparsity::Stamp::matches(const at::Tensor& t) const {
       storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
       storage_offset == t.storage_offset() && t.sizes() == c10::IntArrayRef(sizes) &&
       t.strides() == c10::IntArrayRef(strides) && dtype == t.scalar_type() &&
-      device == t.device() && version == t._version();
+      device == t.device() && version == version_of(t);
 }
 
 FakeSparsity::FakeSparsity(at::Tensor mask) {
