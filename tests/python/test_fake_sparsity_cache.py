@@ -313,6 +313,32 @@ def test_deepcopy_starts_with_an_empty_cache_and_shares_nothing():
     assert scripted.weight_sparsity.cache_hits() == 2
 
 
+@pytest.mark.parametrize("change", ["double", "to_float16", "load_state_dict"])
+def test_changes_to_a_scripted_model_invalidate(change):
+    linear = torch.nn.Linear(6, 4)
+    scripted = torch.jit.script(SparseLinear(linear, make_mask((4, 6), torch.bool)))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        scripted(x)
+        scripted(x)
+    fs = scripted.weight_sparsity
+    assert fs.cache_hits() == 1
+    if change == "double":
+        scripted.double()
+        x = x.double()
+    elif change == "to_float16":
+        scripted.to(torch.float16)
+        x = x.half()
+    else:
+        scripted.load_state_dict({"weight": torch.randn(4, 6), "bias": torch.randn(4)})
+    expected = torch.nn.functional.linear(x, fs.mask * scripted.weight.detach(), scripted.bias)
+    with torch.no_grad():
+        assert_bitwise_equal(scripted(x), expected)
+        assert fs.cache_hits() == 1  # that was a miss
+        assert_bitwise_equal(scripted(x), expected)
+    assert fs.cache_hits() == 2
+
+
 def test_cache_can_be_turned_off_and_cleared():
     fs = FakeSparsity(make_mask((4, 4), torch.bool))
     w = _weight((4, 4))
