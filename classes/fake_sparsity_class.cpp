@@ -60,9 +60,10 @@ bool is_plain_cpu_tensor(const at::Tensor& t) {
 }
 
 // Whether forward may answer from, or fill, the cache. Not when autograd must
-// record the call (a cached tensor has no graph), nor when a tracer or a
-// dispatch mode must see it (torch.jit.trace would record the cached tensor
-// as a constant).
+// record the call (a cached tensor has no graph), nor while a tracer or a
+// dispatch mode is active: they must see the operator call (torch.jit.trace
+// records the class's forward as a call today; this keeps a cached tensor
+// from ever being recorded as a constant).
 bool may_cache(const at::Tensor& x, const at::Tensor& mask) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || mask.requires_grad())) {
     return false;
