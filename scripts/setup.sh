@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-PY_PACKAGES=(pytest expecttest numpy)
+PY_PACKAGES=(pytest expecttest numpy matplotlib)
 
 run_as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -3,9 +3,11 @@
 // Two loops: a flat one for tensors that share one dense memory layout
 // (contiguous, channels-last, any dense permutation), which the compiler
 // vectorises, and a strided one for everything else. Both are split across
-// threads with at::parallel_for.
+// threads with at::parallel_for. The flat loops that involve float16 or
+// bfloat16 are written with conversion intrinsics (fake_sparsity_half.h).
 
 #include "ops/fake_sparsity_common.h"
+#include "ops/cpu/fake_sparsity_half.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -56,6 +58,16 @@ __attribute__((always_inline)) inline void flat_loop(
   }
 }
 
+// flat_loop out of line, for the loop pickers that take its address.
+template <typename out_t, typename x_t, typename mask_t>
+void generic_flat_loop(
+    out_t* out,
+    const x_t* x,
+    const mask_storage_t<out_t, x_t, mask_t>* mask,
+    int64_t n) {
+  flat_loop<out_t, x_t, mask_t>(out, x, mask, n);
+}
+
 // PyTorch's own kernels use the widest vectors the CPU has; to keep up while
 // the data is in cache, the float and double loops are compiled for AVX-512
 // and AVX2 too, and the loader picks the best once (GCC function clones).
@@ -65,8 +77,8 @@ __attribute__((always_inline)) inline void flat_loop(
 #define SPARSITY_CPU_CLONES
 #endif
 
-// The cloned loops, one per (out, x, mask) triple of plain C++ types; the
-// half and bfloat16 ones stay on the generic template.
+// The cloned loops, one per (out, x, mask) triple of plain C++ types; those
+// with half or bfloat16 are in fake_sparsity_half.h.
 template <typename out_t, typename x_t, typename mask_t>
 struct ClonedFlatLoop {
   static constexpr bool available = false;
@@ -103,6 +115,13 @@ void apply_mask_flat(
     int64_t numel) {
   using storage_t = mask_storage_t<out_t, x_t, mask_t>;
   const auto* mask_storage = reinterpret_cast<const storage_t*>(mask);
+  if constexpr (half_loops::covers<out_t, x_t, mask_t>) {
+    const auto loop = half_loops::pick<out_t, x_t, mask_t>(&generic_flat_loop<out_t, x_t, mask_t>);
+    at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
+      loop(out + begin, x + begin, mask_storage + begin, end - begin);
+    });
+    return;
+  }
   at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
     if constexpr (ClonedFlatLoop<out_t, x_t, mask_t>::available) {
       ClonedFlatLoop<out_t, x_t, mask_t>::run(

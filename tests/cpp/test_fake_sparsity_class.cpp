@@ -7,8 +7,11 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
+#include <thread>
+#include <vector>
 
 using sparsity::FakeSparsity;
 using sparsity_test::same_bits;
@@ -71,4 +74,57 @@ TEST(FakeSparsityClass, ModuleBuiltInCppSavesAndLoads) {
   at::Tensor loaded_weight = loaded.attr("weight").toTensor();
   const auto grads = torch::autograd::grad({loaded.forward({x}).toTensor().sum()}, {loaded_weight});
   EXPECT_TRUE(same_bits(grads[0], x * mask));
+}
+
+// The inference cache from C++: a server's threads calling forward on one
+// object while another thread updates the mask. Every result must be made of
+// elements of mask_i * w for the masks used (a forward racing with an update
+// may read a mix, as without the cache), and once the updates are done the
+// next forward must give the last mask's result, never a stale kept one.
+TEST(FakeSparsityClass, CacheUnderConcurrentForwardsAndUpdates) {
+  torch::manual_seed(0);
+  const at::Tensor weight = torch::randn({64, 64}, torch::requires_grad());
+  std::vector<at::Tensor> masks;
+  std::vector<at::Tensor> allowed;
+  for (int i = 0; i < 4; ++i) {
+    masks.push_back(torch::rand({64, 64}) > 0.5);
+    allowed.push_back(masks.back() * weight.detach());
+  }
+  const at::Tensor stacked = torch::stack(allowed);
+  auto fs = c10::make_intrusive<FakeSparsity>(masks[0].clone());
+
+  std::atomic<bool> bad{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&] {
+      c10::InferenceMode inference; // as a C++ server runs a model
+      for (int i = 0; i < 500; ++i) {
+        const at::Tensor out = fs->forward(weight);
+        if (!(out.unsqueeze(0) == stacked).any(0).all().item<bool>()) {
+          bad = true;
+        }
+      }
+    });
+  }
+  for (int i = 0; i < 50; ++i) {
+    fs->update_mask(masks[i % 4]);
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_FALSE(bad);
+  EXPECT_GT(fs->cache_hits(), 0);
+  fs->update_mask(masks[3]);
+  {
+    c10::InferenceMode inference;
+    EXPECT_TRUE(same_bits(fs->forward(weight), allowed[3]));
+    const int64_t hits = fs->cache_hits();
+    const at::Tensor again = fs->forward(weight);
+    EXPECT_EQ(fs->cache_hits(), hits + 1);
+    EXPECT_TRUE(same_bits(again, allowed[3]));
+  }
+  // Outside inference mode the weight needs a graph: no cache, a grad_fn.
+  EXPECT_TRUE(fs->forward(weight).requires_grad());
+  fs->set_cache_enabled(false);
+  EXPECT_FALSE(fs->cache_enabled());
 }

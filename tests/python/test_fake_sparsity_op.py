@@ -1,6 +1,10 @@
 """sparsity::fake_sparsity and fake_sparsity_ against mask * x, on the CPU."""
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +95,75 @@ def test_output_layout_follows_x():
     x = make_x((2, 3, 5, 4), torch.float32).contiguous(memory_format=torch.channels_last)
     mask = make_mask((2, 3, 5, 4), torch.bool).contiguous(memory_format=torch.channels_last)
     assert fake_sparsity(x, mask).stride() == (mask * x).stride()
+
+
+# ------------------------------------------------- float16 and bfloat16
+
+# Mask values for floating masks: exact, rounding, overflowing, underflowing
+# into denormals, and the specials.
+_MASK_VALUES = [0.0, 1.0, -0.0, 0.5, -2.0, 3.0, 0.1, 1e-3, 1e30, 6e-8, 1e-40, float("nan"), float("inf")]
+
+
+def _every_bit_pattern(dtype):
+    """All 65536 values of a 16-bit float type: NaNs, infinities, denormals, both zeros."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _mask_for(x, dtype):
+    n = x.numel()
+    if dtype == torch.bool:
+        return torch.rand(n) > 0.5
+    if dtype == torch.uint8:
+        return torch.arange(n).remainder(256).to(torch.uint8)
+    return torch.tensor(_MASK_VALUES).repeat(n // len(_MASK_VALUES) + 1)[:n].to(dtype)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+def test_every_16bit_value_times_every_kind_of_mask(x_dtype, mask_dtype):
+    # Every x value against each mask value, plus an odd tail, so that the
+    # vector loops, their tails and the thread split all see every case.
+    values = _every_bit_pattern(x_dtype)
+    x = torch.cat([values.repeat_interleave(len(_MASK_VALUES) if mask_dtype.is_floating_point else 2), values[:13]])
+    mask = _mask_for(x, mask_dtype)
+    assert_bitwise_equal(fake_sparsity(x, mask), mask * x)
+    y = x.clone()
+    fake_sparsity_(y, mask)
+    assert_bitwise_equal(y, x.clone().mul_(mask))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16])
+def test_float_x_times_16bit_mask(mask_dtype):
+    values = _every_bit_pattern(mask_dtype)
+    x = torch.cat([torch.randn(len(values)) * 1e-38, torch.randn(len(values)) * 1e5, torch.randn(77)])
+    x[::97] = float("nan")
+    x[1::89] = float("-inf")
+    mask = torch.cat([values, values.flip(0), values[:77]])
+    assert_bitwise_equal(fake_sparsity(x, mask), mask * x)
+    y = x.clone()
+    fake_sparsity_(y, mask)
+    assert_bitwise_equal(y, x.clone().mul_(mask))
+
+
+@pytest.mark.skipif("ATEN_CPU_CAPABILITY" in os.environ, reason="already running under a forced capability")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_each_cpu_capability_path(capability):
+    """The float16/bfloat16 loops are picked from torch's CPU capability:
+    run the bit-exactness tests again with ATEN_CPU_CAPABILITY forcing the
+    narrower paths (PyTorch's mask * x follows the same setting)."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    reported = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if reported != capability.upper():
+        pytest.skip(f"this CPU runs {reported} when asked for {capability}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::FutureWarning",
+         "-k", "16bit or 16bit_mask or matches_mask_times_x or inplace_matches_mul_ or noncontiguous"],
+        env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- autograd
