@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -26,6 +27,15 @@ inline bool is_supported_x_dtype(at::ScalarType t) {
 
 inline bool is_supported_mask_dtype(at::ScalarType t) {
   return t == at::kBool || t == at::kByte || is_supported_x_dtype(t);
+}
+
+// "[3, 4]". Symbolic shapes (torch.compile) print as SymInts; concrete ones
+// as plain integers (printing a SymIntArrayRef crashed under torch 2.11).
+inline std::string shape_string(const at::Tensor& t) {
+  if (!t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    return c10::str(t.sizes());
+  }
+  return c10::str(t.sym_sizes());
 }
 
 // Checks everything both forms require; op_name starts each message.
@@ -63,9 +73,9 @@ inline void check_fake_sparsity_inputs(
       x.sym_sizes().equals(mask.sym_sizes()),
       op_name,
       ": mask shape ",
-      mask.sym_sizes(),
+      shape_string(mask),
       " must equal x shape ",
-      x.sym_sizes(),
+      shape_string(x),
       " (no broadcasting)");
 }
 
