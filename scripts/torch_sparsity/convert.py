@@ -41,6 +41,8 @@ import importlib
 import inspect
 import keyword
 import linecache
+import pickle
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -157,6 +159,11 @@ def _plan_module(fqn: str, module: nn.Module) -> List[_PrunedTensor]:
     fake_sparsity_class = _torch_ao_fake_sparsity()
     base = parametrize.type_before_parametrizations(module)
     where = f"module '{fqn}' ({base.__name__})" if fqn else f"the model itself ({base.__name__})"
+    if isinstance(module, nn.RNNBase):
+        raise ConversionError(
+            f"{where}: recurrent layers read their weights through the list _flat_weights, which "
+            "TorchScript keeps as a plain attribute, so masks could not apply"
+        )
     plan = []
     for name, parametrizations in module.parametrizations.items():
         kinds = [type(p).__name__ for p in parametrizations]
@@ -246,8 +253,17 @@ def convert(model: nn.Module, inplace: bool = False, check_scriptable: bool = Tr
         raise TypeError(f"convert expects an nn.Module, but got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise ConversionError("the model is already a ScriptModule; convert the eager model before scripting it")
+    # Every refusal comes before anything is copied or changed.
+    for fqn, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            _plan_module(fqn, module)
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as error:
+            raise ConversionError(
+                f"copy.deepcopy(model) failed ({error}); convert(model, inplace=True) converts the model itself"
+            ) from error
     plans = [
         (fqn, module, _plan_module(fqn, module))
         for fqn, module in model.named_modules()
@@ -339,6 +355,18 @@ def _parse_shape(text: str) -> List[int]:
     return shape
 
 
+def _load(path: str, option: str, trusted: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as error:
+        raise SystemExit(
+            f"{option}: {path} holds more than tensors and plain containers; if you trust it, add --trust-files "
+            f"({str(error).splitlines()[0]})"
+        ) from None
+    except OSError as error:
+        raise SystemExit(f"{option}: cannot read {path}: {error}") from None
+
+
 def _median_ms(fn, runs: int) -> float:
     with torch.no_grad():
         fn()  # warm-up (TorchScript profiles and optimizes on the first runs)
@@ -371,6 +399,10 @@ def main(argv=None) -> int:
                        help="prune the weight of every Linear and Conv layer with WeightNormSparsifier to LEVEL")
     prune.add_argument("--masks", metavar="FILE",
                        help="torch.save'd masks: {tensor_fqn: mask}, or a sparsifier's state_dict()")
+    parser.add_argument("--trust-files", action="store_true",
+                        help="load --weights and --masks with torch.load(weights_only=False), which runs "
+                        "code from the file: needed for a sparsifier's state_dict() saved as it is (it holds "
+                        "a defaultdict)")
     parser.add_argument("--output", "-o", required=True, metavar="FILE", help="where to torch.jit.save the model")
     parser.add_argument("--input-shape", metavar="N,C,H,W",
                         help="a random input of this shape to compare the scripted model with the eager one")
@@ -388,23 +420,35 @@ def main(argv=None) -> int:
         parser.error("--save-input, --save-output and --benchmark need --input-shape")
     if args.benchmark < 0:
         parser.error("--benchmark must be a number of runs")
+    input_shape = _parse_shape(args.input_shape) if args.input_shape else None
 
     load_library()
     torch.manual_seed(args.seed)
     model = _build_model(args.model).eval()
-    weights = torch.load(args.weights, map_location="cpu") if args.weights else None
+    weights = _load(args.weights, "--weights", args.trust_files) if args.weights else None
     parametrized_weights = weights is not None and any(".parametrizations." in k or k.startswith("parametrizations.") for k in weights)
     if weights is not None and not parametrized_weights:
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as error:
+            raise SystemExit(f"--weights: {args.weights} does not fit the model: {error}") from None
     if args.sparsity is not None:
         prune_with_weight_norm(model, args.sparsity)
     elif args.masks:
-        masks = torch.load(args.masks, map_location="cpu")
+        masks = _load(args.masks, "--masks", args.trust_files)
         if isinstance(masks, dict) and "state" in masks and "groups" in masks:  # a sparsifier's state_dict()
             masks = {fqn: state["mask"] for fqn, state in masks["state"].items()}
         prepare_with_masks(model, masks)
     if parametrized_weights:
-        model.load_state_dict(weights)
+        # A parametrized model's state_dict() leaves the masks out (as
+        # FakeSparsity wants), but its load_state_dict() asks for them.
+        result = model.load_state_dict(weights, strict=False)
+        missing = [k for k in result.missing_keys if not re.search(r"(^|\.)parametrizations\.[^.]+\.\d+\.mask$", k)]
+        if missing or result.unexpected_keys:
+            raise SystemExit(
+                f"--weights: {args.weights} does not fit the pruned model: missing {missing}, "
+                f"unexpected {result.unexpected_keys}"
+            )
 
     try:
         converted = convert(model)
@@ -416,8 +460,8 @@ def main(argv=None) -> int:
     sparsities = fake_sparsities(scripted)
     print(f"converted {len(sparsities)} pruned tensors; scripted model saved to {args.output}")
 
-    if args.input_shape:
-        example = torch.randn(_parse_shape(args.input_shape))
+    if input_shape:
+        example = torch.randn(input_shape)
         with torch.no_grad():
             eager_output = model(example)
             scripted_output = scripted(example)
