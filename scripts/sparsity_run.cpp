@@ -425,7 +425,15 @@ void squash(std::vector<PrunedTensor>& pruned) {
 // ---------------------------------------------------------------- inference
 
 at::Tensor forward(torch::jit::Module& model, const at::Tensor& input) {
-  c10::IValue output = model.forward({input});
+  c10::IValue output;
+  try {
+    output = model.forward({input});
+  } catch (const c10::Error& error) {
+    throw RunError(
+        "inference failed on an input of shape " + shape_string(input.sizes()) + ": " + error.what_without_backtrace());
+  } catch (const std::exception& error) { // errors raised by TorchScript code
+    throw RunError("inference failed on an input of shape " + shape_string(input.sizes()) + ": " + error.what());
+  }
   if (!output.isTensor()) {
     throw RunError("the model's forward returned a " + std::string(output.tagKind()) + ", not a tensor");
   }
