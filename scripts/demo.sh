@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The end-to-end demo, the README's main-job command. On a fresh machine it
+# sets up (scripts/setup.sh), builds the plugin and sparsity_run, prunes
+# torchvision's resnet18 (random weights) to 50% with WeightNormSparsifier,
+# converts it for TorchScript with the plugin's FakeSparsity, scripts and
+# saves it (scripts/convert_model.py), then runs the C++ program on it
+# (build/sparsity_run): per-layer sparsity, the largest difference between
+# the C++ output and the eager Python output, and inference times of the eager
+# parametrized model, the scripted plugin model and the squashed model.
+#
+# Environment: BUILD_DIR (default build), DEMO_DIR (default $BUILD_DIR/demo),
+# DEMO_THREADS (default 1: one thread compares the models rather than the
+# machine's other load), DEMO_RUNS (default 20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+build_dir=${BUILD_DIR:-build}
+demo_dir=${DEMO_DIR:-$build_dir/demo}
+runs=${DEMO_RUNS:-20}
+export OMP_NUM_THREADS=${DEMO_THREADS:-1}
+
+echo "== setup"
+scripts/setup.sh
+echo "== build (the plugin and sparsity_run; scripts/test.sh builds the rest)"
+BUILD_DIR=$build_dir BUILD_TARGETS="torch_sparsity sparsity_run" scripts/build.sh
+export TORCH_SPARSITY_LIBRARY=$PWD/$build_dir/libtorch_sparsity.so
+mkdir -p "$demo_dir"
+
+echo "== Python: prune resnet18 (random weights) to 50% with WeightNormSparsifier, convert, script, save"
+"$PYTHON" -W ignore::FutureWarning scripts/convert_model.py --model torchvision.models:resnet18 --sparsity 0.5 \
+  --output "$demo_dir/resnet18_pruned.pt" --input-shape 1,3,224,224 \
+  --save-input "$demo_dir/input.pt" --save-output "$demo_dir/eager_output.pt" --benchmark "$runs" \
+  | tee "$demo_dir/python.log"
+
+echo "== C++: $build_dir/sparsity_run on the saved model"
+"$build_dir/sparsity_run" "$demo_dir/resnet18_pruned.pt" --input "$demo_dir/input.pt" \
+  --expect "$demo_dir/eager_output.pt" --atol 1e-5 --runs "$runs" \
+  --squash --save "$demo_dir/resnet18_squashed.pt" | tee "$demo_dir/cpp.log"
+
+# The figures, gathered from both logs.
+field() { sed -n "s/$1/\\1/p" "$2" | head -1; }
+python_times=$(grep "median inference time" "$demo_dir/python.log")
+eager_ms=$(echo "$python_times" | sed -n 's/.*eager parametrized \([0-9.]*\) ms.*/\1/p')
+scripted_py_ms=$(echo "$python_times" | sed -n 's/.*scripted with the plugin \([0-9.]*\) ms.*/\1/p')
+squashed_py_ms=$(echo "$python_times" | sed -n 's/.*scripted and squashed \([0-9.]*\) ms.*/\1/p')
+scripted_cpp_ms=$(field 'median inference time over [0-9]* runs: \([0-9.]*\) ms' "$demo_dir/cpp.log")
+squashed_cpp_ms=$(field '.*squashed model:.*median inference time \([0-9.]*\) ms' "$demo_dir/cpp.log")
+cpp_diff=$(field 'max |output - expected| = \(.*\)' "$demo_dir/cpp.log")
+overall=$(field '.*all pruned tensors: \(.*\)' "$demo_dir/cpp.log")
+echo
+echo "== summary: resnet18, random weights, WeightNormSparsifier 50%, input 1x3x224x224, $OMP_NUM_THREADS thread(s)"
+echo "pruned tensors (per layer above): $overall"
+echo "max |C++ output - eager Python output|: $cpp_diff"
+echo "median inference time over $runs runs:"
+printf '  %-38s %10s ms\n' "eager parametrized model (Python)" "$eager_ms" \
+  "scripted plugin model (Python)" "$scripted_py_ms" "scripted plugin model (C++)" "$scripted_cpp_ms" \
+  "squashed model (Python)" "$squashed_py_ms" "squashed model (C++)" "$squashed_cpp_ms"
+echo "files: $demo_dir/resnet18_pruned.pt (masks live), $demo_dir/resnet18_squashed.pt (no masks)"

@@ -1,0 +1,93 @@
+"""Pruned torchvision models and helpers shared by the end-to-end tests
+(test_convert.py, test_sparsity_run.py)."""
+
+import subprocess
+from pathlib import Path
+
+import torch
+import torchvision
+
+import torch_sparsity
+from torch_sparsity.sparsifiers import prepare_with_masks, prune_with_weight_norm
+
+# Input shapes: small images where the model allows; vit_b_16 needs 224.
+INPUT_SHAPES = {
+    "resnet18": (2, 3, 64, 64),
+    "mobilenet_v3_small": (2, 3, 64, 64),
+    "efficientnet_b0": (2, 3, 64, 64),
+    "vit_b_16": (1, 3, 224, 224),
+    "convnext_tiny": (1, 3, 64, 64),
+    "maxvit_t": (1, 3, 224, 224),
+    "swin_t": (1, 3, 64, 64),
+    "swin_v2_t": (1, 3, 64, 64),
+}
+
+
+def hand_made_masks(model: torch.nn.Module, zeros: float = 0.2) -> dict:
+    """A random mask for every floating parameter and buffer of every module
+    (BatchNorm's running variance excepted: zeroing a variance blows the
+    activations up), alternately bool and float32, as a user might write them."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    masks = {}
+    for i, (fqn, tensor) in enumerate(tensors):
+        if not tensor.is_floating_point() or fqn.endswith("running_var"):
+            continue
+        keep = torch.rand(tensor.shape) >= zeros
+        masks[fqn] = keep if i % 2 == 0 else keep.float()
+    return masks
+
+
+def _lively_random_weights(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Random weights that give outputs far from zero, so that comparing
+    outputs means something: torchvision zero-initializes some tensors (ViT's
+    head and class token), and BatchNorm's initial statistics (mean 0,
+    variance 1) let activations die out through a deep network, so zero
+    tensors get small random values and BatchNorm gets the statistics of a
+    batch of random inputs."""
+    with torch.no_grad():
+        for tensor in model.parameters():
+            if tensor.dim() >= 2 and not tensor.any():
+                tensor.normal_(std=0.02)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: after one batch, that batch's statistics
+        model.train()
+        with torch.no_grad():
+            model(torch.randn((8,) + tuple(example.shape[1:])))
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+    model.eval()
+
+
+def pruned_model(name: str, method: str, seed: int = 0):
+    """torchvision model `name` (random weights, eval mode) pruned by
+    `method`: "weight_norm" (every Linear and Conv weight to 50%) or "hand_made"
+    (hand_made_masks). Returns (model, example input)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None)
+    example = torch.randn(INPUT_SHAPES[name])
+    _lively_random_weights(model, example)
+    if method == "weight_norm":
+        prune_with_weight_norm(model, 0.5)
+    elif method == "hand_made":
+        prepare_with_masks(model, hand_made_masks(model))
+    else:
+        raise ValueError(method)
+    return model, example
+
+
+def sparsity_run_path() -> Path:
+    return Path(torch_sparsity.library_path()).parent / "sparsity_run"
+
+
+def sparsity_run(*args, timeout=300):
+    """Runs the C++ program; returns the CompletedProcess (text output)."""
+    program = sparsity_run_path()
+    if not program.is_file():
+        raise RuntimeError(f"{program} is missing: build the project (scripts/build.sh)")
+    return subprocess.run(
+        [str(program)] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout
+    )
