@@ -162,6 +162,35 @@ void dispatch_mask(at::ScalarType t, const char* op_name, F&& f) {
   }
 }
 
+// Calls f(out_tag, x_tag, mask_tag), values of the C++ types of out, x and
+// mask. out is either a new tensor of the promoted dtype or x itself (in
+// place), so only those two output types are instantiated.
+template <typename F>
+void dispatch_fake_sparsity_types(
+    const char* op_name,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& mask,
+    F&& f) {
+  dispatch_floating(x.scalar_type(), op_name, [&](auto x_tag) {
+    using x_t = decltype(x_tag);
+    dispatch_mask(mask.scalar_type(), op_name, [&](auto mask_tag) {
+      using mask_t = decltype(mask_tag);
+      using promoted = promoted_t<x_t, mask_t>;
+      if (out.scalar_type() == x.scalar_type()) {
+        f(x_t{}, x_t{}, mask_t{});
+      } else {
+        TORCH_INTERNAL_ASSERT(
+            out.scalar_type() == c10::CppTypeToScalarType<promoted>::value,
+            op_name,
+            ": unexpected output dtype ",
+            out.scalar_type());
+        f(promoted{}, x_t{}, mask_t{});
+      }
+    });
+  });
+}
+
 } // namespace detail
 } // namespace ops
 } // namespace sparsity

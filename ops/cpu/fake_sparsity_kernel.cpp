@@ -199,12 +199,11 @@ void apply_mask_cpu(
   if (x.numel() == 0) {
     return;
   }
-  detail::dispatch_floating(x.scalar_type(), op_name, [&](auto x_tag) {
-    using x_t = decltype(x_tag);
-    detail::dispatch_mask(mask.scalar_type(), op_name, [&](auto mask_tag) {
-      using mask_t = decltype(mask_tag);
-      detail::dispatch_floating(out.scalar_type(), op_name, [&](auto out_tag) {
+  detail::dispatch_fake_sparsity_types(
+      op_name, out, x, mask, [&](auto out_tag, auto x_tag, auto mask_tag) {
         using out_t = decltype(out_tag);
+        using x_t = decltype(x_tag);
+        using mask_t = decltype(mask_tag);
         if (detail::share_dense_layout(x, mask, out)) {
           apply_mask_flat<out_t, x_t, mask_t>(
               out.data_ptr<out_t>(),
@@ -215,8 +214,6 @@ void apply_mask_cpu(
           apply_mask_strided<out_t, x_t, mask_t>(out, x, mask);
         }
       });
-    });
-  });
 }
 
 at::Tensor fake_sparsity_cpu(const at::Tensor& x, const at::Tensor& mask) {

@@ -288,8 +288,7 @@ void launch_apply_mask(
   out.copy_(contiguous_out);
 }
 
-// out = mask * x. out is either a new tensor of the promoted dtype or x
-// itself (in place), so only those two output types are compiled.
+// out = mask * x, out already allocated with the result (or x's) dtype.
 void apply_mask_cuda(
     const char* op_name,
     const at::Tensor& out,
@@ -298,23 +297,11 @@ void apply_mask_cuda(
   if (x.numel() == 0) {
     return;
   }
-  detail::dispatch_floating(x.scalar_type(), op_name, [&](auto x_tag) {
-    using x_t = decltype(x_tag);
-    detail::dispatch_mask(mask.scalar_type(), op_name, [&](auto mask_tag) {
-      using mask_t = decltype(mask_tag);
-      using promoted = detail::promoted_t<x_t, mask_t>;
-      if (out.scalar_type() == x.scalar_type()) {
-        launch_apply_mask<x_t, x_t, mask_t>(out, x, mask);
-      } else {
-        TORCH_INTERNAL_ASSERT(
-            out.scalar_type() == c10::CppTypeToScalarType<promoted>::value,
-            op_name,
-            ": unexpected output dtype ",
-            out.scalar_type());
-        launch_apply_mask<promoted, x_t, mask_t>(out, x, mask);
-      }
-    });
-  });
+  detail::dispatch_fake_sparsity_types(
+      op_name, out, x, mask, [&](auto out_tag, auto x_tag, auto mask_tag) {
+        launch_apply_mask<decltype(out_tag), decltype(x_tag), decltype(mask_tag)>(
+            out, x, mask);
+      });
 }
 
 at::Tensor fake_sparsity_cuda(const at::Tensor& x, const at::Tensor& mask) {
