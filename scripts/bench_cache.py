@@ -4,9 +4,9 @@ weights go through torch.classes.sparsity.FakeSparsity, run under
 torch.no_grad(), against the same model with the masks squashed into its
 weights (what a pruned model costs once the masks are gone).
 
-Three variants of each model, timed in turns (random order each round), as
-medians per forward; the ratios are medians over rounds of that round's
-ratio to the squashed model:
+Three variants of each model, timed in turns (random order each round, as
+scripts/bench_op.py does), as medians per forward; the ratios are medians
+over rounds of that round's ratio to the squashed model:
 
 - squashed: plain weights, already multiplied by their masks;
 - cached: FakeSparsity with its inference cache (the default);
@@ -21,7 +21,6 @@ The outputs of all three are checked to be bit for bit equal first.
 import argparse
 import copy
 import os
-import random
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 import torch_sparsity  # noqa: E402
 
 torch_sparsity.load_library()
+from bench_op import interleaved_samples, paired_ratio  # noqa: E402
 from sparsity_testing import random_weight_masks, sparsify_with_plugin  # noqa: E402
 
 
@@ -81,27 +81,17 @@ def bench(model, x, repeat):
         start = time.perf_counter()
         dense(x)
         calls = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
-        for m in variants.values():  # warm-up: profiling executor, allocator, cache
-            for _ in range(3):
+
+        def run_calls(m):
+            for _ in range(calls):
                 m(x)
-        samples = {name: [] for name in variants}
-        order = list(variants)
-        rng = random.Random(0)
-        for _ in range(repeat):
-            rng.shuffle(order)
-            for name in order:
-                m = variants[name]
-                start = time.perf_counter()
-                for _ in range(calls):
-                    m(x)
-                samples[name].append((time.perf_counter() - start) / calls)
+
+        samples = interleaved_samples({name: (lambda m=m: run_calls(m)) for name, m in variants.items()}, repeat)
+        samples = {name: [t / calls for t in s] for name, s in samples.items()}
     hits = sum(m.weight_sparsity.cache_hits() for m in cached.modules() if hasattr(m, "weight_sparsity"))
     assert hits > 0
     med = {name: statistics.median(s) for name, s in samples.items()}
-    ratio = {
-        name: statistics.median(a / b for a, b in zip(samples[name], samples["squashed"]))
-        for name in ("cached", "uncached")
-    }
+    ratio = {name: paired_ratio(samples[name], samples["squashed"]) for name in ("cached", "uncached")}
     return med, ratio, len(masks)
 
 
