@@ -32,17 +32,25 @@ std::string grad_key(std::string fqn) {
   return "grad__" + fqn;
 }
 
-class PythonModel : public ::testing::TestWithParam<std::string> {};
+// Loads the model named by the parameter and what Python computed on it.
+class PythonModel : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    const std::string dir = test_models_dir();
+    if (dir.empty()) {
+      GTEST_SKIP() << "TORCH_SPARSITY_TEST_MODELS is not set (run through ctest, which writes the models)";
+    }
+    model = torch::jit::load(dir + "/" + GetParam() + ".pt");
+    expected = load_expected(dir + "/" + GetParam() + "_expected.pt");
+  }
+
+  torch::jit::Module model{"unloaded"};
+  std::map<std::string, at::Tensor> expected;
+};
 
 } // namespace
 
 TEST_P(PythonModel, ForwardAndBackwardEqualPython) {
-  const std::string dir = test_models_dir();
-  if (dir.empty()) {
-    GTEST_SKIP() << "TORCH_SPARSITY_TEST_MODELS is not set (run through ctest, which writes the models)";
-  }
-  torch::jit::Module model = torch::jit::load(dir + "/" + GetParam() + ".pt");
-  auto expected = load_expected(dir + "/" + GetParam() + "_expected.pt");
 
   std::vector<at::Tensor> params;
   std::vector<std::string> names;
@@ -60,12 +68,6 @@ TEST_P(PythonModel, ForwardAndBackwardEqualPython) {
 }
 
 TEST_P(PythonModel, MasksAreLiveInCpp) {
-  const std::string dir = test_models_dir();
-  if (dir.empty()) {
-    GTEST_SKIP() << "TORCH_SPARSITY_TEST_MODELS is not set (run through ctest, which writes the models)";
-  }
-  torch::jit::Module model = torch::jit::load(dir + "/" + GetParam() + ".pt");
-  auto expected = load_expected(dir + "/" + GetParam() + "_expected.pt");
   torch::NoGradGuard no_grad;
   int64_t masks = 0;
   for (const auto& sub : model.named_modules()) {
