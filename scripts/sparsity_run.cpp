@@ -383,17 +383,21 @@ void print_pruned_tensors(const std::vector<PrunedTensor>& pruned) {
             << std::setw(10) << "mask" << "sparsity\n";
   int64_t zeros = 0;
   int64_t total = 0;
+  int64_t mask_bytes = 0;
   for (const auto& tensor : pruned) {
     const at::Tensor mask = tensor.sparsity->mask();
     const double level = tensor.sparsity->sparsity_level();
     zeros += mask.numel() - at::count_nonzero(mask).item<int64_t>();
     total += mask.numel();
+    mask_bytes += static_cast<int64_t>(mask.nbytes());
     std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << tensor.fqn << "  " << std::setw(18)
               << shape_string(tensor.tensor.sizes()) << std::setw(10) << dtype_name(mask.scalar_type())
               << std::fixed << std::setprecision(3) << level << "\n";
   }
   std::cout << "  all pruned tensors: " << zeros << " of " << total << " entries masked ("
             << std::fixed << std::setprecision(3) << (total ? static_cast<double>(zeros) / total : 0.0) << ")\n";
+  std::cout << "  the masks take " << std::setprecision(1) << static_cast<double>(mask_bytes) / (1 << 20)
+            << " MiB\n";
 }
 
 // fake_sparsity_ on each tensor, then the FakeSparsity object is dropped: the

@@ -11,7 +11,9 @@ tensor ``weight``:
 - ``m.weight_original`` is the tensor the sparsifier keeps in
   ``m.parametrizations.weight.original`` (the same Parameter, or buffer);
 - ``m.weight_sparsity`` is a ``torch.classes.sparsity.FakeSparsity`` holding the
-  mask (same values and dtype; with ``inplace=True`` the very tensor);
+  mask: by default as a bool tensor (``compact_masks``: a quarter of a float32
+  mask's memory, the same results bit for bit); with ``inplace=True`` the
+  sparsifier's very tensor;
 - ``m``'s class becomes a subclass of ``C``, also named ``C``, with a property
   ``weight`` that returns ``m.weight_sparsity.forward(m.weight_original)``, or
   ``m.weight_original`` once the mask is squashed (``weight_sparsity`` is
@@ -55,9 +57,11 @@ from . import load_library
 
 __all__ = [
     "ConversionError",
+    "compact_mask",
     "convert",
     "converted_name",
     "fake_sparsities",
+    "mask_bytes",
     "squash",
 ]
 
@@ -209,7 +213,43 @@ def _plan_module(fqn: str, module: nn.Module) -> List[_PrunedTensor]:
     return plan
 
 
-def _apply_plan(module: nn.Module, plan: List[_PrunedTensor]) -> None:
+def compact_mask(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor when ``fake_sparsity(tensor, mask)`` gives the
+    same result with it, bit for bit and in the same dtype; else ``mask``.
+
+    That holds when every entry is 1 or +0 (a -0 would flip the sign of the
+    zeros it makes, any other value scales) and when a bool mask leaves the
+    result's dtype alone (a float32 mask of a float16 tensor gives float32).
+    A mask whose values cannot be read (on the meta device) stays as it is."""
+    if mask.dtype == torch.bool or mask.device.type == "meta":
+        return mask
+    if torch.promote_types(tensor.dtype, mask.dtype) != tensor.dtype:
+        return mask
+    with torch.no_grad():
+        zero = mask == 0
+        if mask.is_floating_point():
+            zero &= ~torch.signbit(mask)
+        if not bool((zero | (mask == 1)).all()):
+            return mask
+        return mask != 0
+
+
+def mask_bytes(masks) -> int:
+    """Bytes the given mask tensors take, each storage counted once (a dict of
+    FakeSparsity objects, as ``fake_sparsities`` returns, or of tensors)."""
+    seen = set()
+    total = 0
+    for mask in masks.values():
+        mask = getattr(mask, "mask", mask)
+        storage = mask.untyped_storage()
+        key = (storage.data_ptr(), mask.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: bool) -> None:
     base = parametrize.type_before_parametrizations(module)
     # The parametrization's class (and its property) goes first, so that
     # nothing below goes through parametrize's __getattr__/__setattr__ logic.
@@ -220,7 +260,8 @@ def _apply_plan(module: nn.Module, plan: List[_PrunedTensor]) -> None:
             module.register_parameter(pruned.name + ORIGINAL_SUFFIX, pruned.original)
         else:
             module.register_buffer(pruned.name + ORIGINAL_SUFFIX, pruned.original, persistent=pruned.persistent)
-        setattr(module, pruned.name + SPARSITY_SUFFIX, torch.classes.sparsity.FakeSparsity(pruned.mask))
+        mask = compact_mask(pruned.mask, pruned.original) if compact_masks else pruned.mask
+        setattr(module, pruned.name + SPARSITY_SUFFIX, torch.classes.sparsity.FakeSparsity(mask))
 
 
 def _check_scriptable(converted: Dict[type, Tuple[str, nn.Module]]) -> None:
@@ -235,7 +276,12 @@ def _check_scriptable(converted: Dict[type, Tuple[str, nn.Module]]) -> None:
             ) from None
 
 
-def convert(model: nn.Module, inplace: bool = False, check_scriptable: bool = True) -> nn.Module:
+def convert(
+    model: nn.Module,
+    inplace: bool = False,
+    check_scriptable: bool = True,
+    compact_masks: Optional[bool] = None,
+) -> nn.Module:
     """Returns ``model`` with every FakeSparsity parametrization of
     torch.ao.pruning replaced by the plugin's FakeSparsity (see the module
     docstring for the layout), ready for ``torch.jit.script``.
@@ -243,6 +289,14 @@ def convert(model: nn.Module, inplace: bool = False, check_scriptable: bool = Tr
     With ``inplace=False`` (the default) the model is deep-copied first, so the
     masks are copies; with ``inplace=True`` the model itself is changed and the
     FakeSparsity objects hold the sparsifier's very mask tensors.
+    ``compact_masks`` stores each mask as bool where ``compact_mask`` finds
+    that gives the same results (a float32 mask of 0s and 1s, what
+    torch.ao.pruning's sparsifiers make, takes four times the memory); masks
+    with other values keep their dtype. It defaults to True with
+    ``inplace=False`` and to False with ``inplace=True``, where a compacted
+    mask would no longer be the tensor the sparsifier updates. A FakeSparsity
+    holding a bool mask converts what ``update_mask`` gives it to bool
+    (nonzero is True), as ``copy_`` does.
     ``check_scriptable`` compiles one converted module of each class with
     TorchScript, so that a module TorchScript cannot compile is named here.
     Anything that cannot be converted raises ConversionError, before the model
@@ -269,9 +323,11 @@ def convert(model: nn.Module, inplace: bool = False, check_scriptable: bool = Tr
         for fqn, module in model.named_modules()
         if parametrize.is_parametrized(module)
     ]
+    if compact_masks is None:
+        compact_masks = not inplace
     converted = {}
     for fqn, module, plan in plans:
-        _apply_plan(module, plan)
+        _apply_plan(module, plan, compact_masks)
         converted.setdefault(type(module), (fqn, module))
     if check_scriptable:
         _check_scriptable(converted)
@@ -367,6 +423,12 @@ def _load(path: str, option: str, trusted: bool):
         raise SystemExit(f"{option}: cannot read {path}: {error}") from None
 
 
+def _describe_masks(masks) -> str:
+    """'1.4 MiB, bool' for a dict of masks or FakeSparsity objects."""
+    dtypes = sorted({str(getattr(mask, "mask", mask).dtype).replace("torch.", "") for mask in masks.values()})
+    return f"{mask_bytes(masks) / 2**20:.1f} MiB, {' and '.join(dtypes) or 'none'}"
+
+
 def _median_ms(fn, runs: int) -> float:
     with torch.no_grad():
         fn()  # warm-up (TorchScript profiles and optimizes on the first runs)
@@ -403,6 +465,9 @@ def main(argv=None) -> int:
                         help="load --weights and --masks with torch.load(weights_only=False), which runs "
                         "code from the file: needed for a sparsifier's state_dict() saved as it is (it holds "
                         "a defaultdict)")
+    parser.add_argument("--keep-mask-dtype", action="store_true",
+                        help="store each mask in the dtype the sparsifier made it (by default masks of 0s and 1s "
+                        "are stored as bool, with the same results)")
     parser.add_argument("--output", "-o", required=True, metavar="FILE", help="where to torch.jit.save the model")
     parser.add_argument("--input-shape", metavar="N,C,H,W",
                         help="a random input of this shape to compare the scripted model with the eager one")
@@ -451,7 +516,7 @@ def main(argv=None) -> int:
             )
 
     try:
-        converted = convert(model)
+        converted = convert(model, compact_masks=not args.keep_mask_dtype)
     except ConversionError as error:
         print(f"convert_model.py: cannot convert: {error}", file=sys.stderr)
         return 1
@@ -459,6 +524,12 @@ def main(argv=None) -> int:
     scripted.save(args.output)
     sparsities = fake_sparsities(scripted)
     print(f"converted {len(sparsities)} pruned tensors; scripted model saved to {args.output}")
+    eager_masks = {
+        f"{fqn}.{name}": parametrizations[0].mask
+        for fqn, module in model.named_modules() if parametrize.is_parametrized(module)
+        for name, parametrizations in module.parametrizations.items()
+    }
+    print(f"masks: {_describe_masks(sparsities)} (as the sparsifier made them: {_describe_masks(eager_masks)})")
 
     if input_shape:
         example = torch.randn(input_shape)

@@ -12,9 +12,19 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize
 
+from sparsity_testing import assert_bitwise_equal, make_x
 from end_to_end_models import INPUT_SHAPES, hand_made_masks, pruned_model, sparsity_run
 from torch_sparsity import utils as sparsity_utils
-from torch_sparsity.convert import ConversionError, convert, converted_name, fake_sparsities, main, squash
+from torch_sparsity.convert import (
+    ConversionError,
+    compact_mask,
+    convert,
+    converted_name,
+    fake_sparsities,
+    main,
+    mask_bytes,
+    squash,
+)
 from torch_sparsity.sparsifiers import NDWeightNormSparsifier, prepare_with_masks, prune_with_weight_norm
 
 pytestmark = [
@@ -117,15 +127,38 @@ def test_saved_model_loaded_in_python_and_cpp(pruned, tmp_path):
     assert f"pruned tensors: {len(eager_pruned_tensors(pruned.model))}\n" in result.stdout
 
 
-def test_masks_are_the_eager_masks_with_their_dtype(pruned):
+def test_masks_are_the_eager_masks_stored_as_bool(pruned):
     sparsities = fake_sparsities(pruned.scripted)
     eager = eager_pruned_tensors(pruned.model)
     assert sparsities.keys() == eager.keys()
     for fqn, (module, name) in eager.items():
         eager_mask = module.parametrizations[name][0].mask
         mask = sparsities[fqn].mask
-        assert mask.dtype == eager_mask.dtype, fqn
-        assert torch.equal(mask, eager_mask), fqn
+        assert mask.dtype == torch.bool, fqn
+        assert torch.equal(mask, eager_mask != 0), fqn
+    eager_bytes = mask_bytes({fqn: module.parametrizations[name][0].mask for fqn, (module, name) in eager.items()})
+    assert mask_bytes(sparsities) == sum(mask.numel() for mask in sparsities.values() for mask in [mask.mask])
+    if pruned.method == "weight_norm":  # float32 masks from the sparsifier
+        assert mask_bytes(sparsities) * 4 == eager_bytes
+
+
+def test_masks_kept_in_their_dtype_on_request(pruned):
+    kept = fake_sparsities(convert(pruned.model, compact_masks=False, check_scriptable=False))
+    for fqn, (module, name) in eager_pruned_tensors(pruned.model).items():
+        eager_mask = module.parametrizations[name][0].mask
+        assert kept[fqn].mask.dtype == eager_mask.dtype, fqn
+        assert torch.equal(kept[fqn].mask, eager_mask), fqn
+
+
+def test_bool_masks_give_the_same_outputs_and_gradients_bit_for_bit(pruned):
+    kept = torch.jit.script(convert(pruned.model, compact_masks=False))
+    compact = fresh_scripted(pruned)
+    kept_output, kept_grads = forward_backward(kept, [pruned.example])
+    compact_output, compact_grads = forward_backward(compact, [pruned.example])
+    assert torch.equal(compact_output, kept_output)
+    assert kept_grads.keys() == compact_grads.keys()
+    for name, grad in kept_grads.items():
+        assert (grad is None and compact_grads[name] is None) or torch.equal(compact_grads[name], grad), name
 
 
 def test_training_step_gives_the_eager_weights(pruned):
@@ -363,6 +396,55 @@ def test_inplace_conversion_shares_the_sparsifiers_masks():
     assert torch.equal(after, torch.zeros_like(before) + converted[2].bias)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8])
+def test_compact_mask_rules(x_dtype, mask_dtype):
+    x = make_x((64,), x_dtype)  # NaN, +-Inf, +-0 among ordinary values
+    ones_and_zeros = (torch.arange(64) % 3 == 0).to(mask_dtype)
+    compact = compact_mask(ones_and_zeros, x)
+    if torch.promote_types(x_dtype, mask_dtype) == x_dtype:
+        assert compact.dtype == torch.bool
+        assert torch.equal(compact, ones_and_zeros != 0)
+    else:  # a bool mask would change the result's dtype (float32 mask, float16 x)
+        assert compact is ones_and_zeros
+    # Either way, the result is what the mask itself gives, bit for bit.
+    assert_bitwise_equal(torch.ops.sparsity.fake_sparsity(x, compact), torch.ops.sparsity.fake_sparsity(x, ones_and_zeros))
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0, float("nan"), float("inf"), -0.0])
+def test_compact_mask_keeps_masks_a_bool_would_change(value):
+    mask = torch.tensor([1.0, 0.0, value, 1.0])
+    assert compact_mask(mask, torch.randn(4)) is mask
+
+
+def test_compact_mask_leaves_bool_and_meta_masks():
+    mask = torch.tensor([True, False])
+    assert compact_mask(mask, torch.randn(2)) is mask
+    meta = torch.ones(2, device="meta")
+    assert compact_mask(meta, torch.randn(2)) is meta
+
+
+def test_inplace_conversion_can_compact_on_request():
+    model = nn.Sequential(nn.Linear(4, 4))
+    prepare_with_masks(model, {"0.weight": (torch.rand(4, 4) > 0.5).float()})
+    eager_mask = model[0].parametrizations.weight[0].mask
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = model(x)
+    convert(model, inplace=True, compact_masks=True)
+    assert model[0].weight_sparsity.mask.dtype == torch.bool
+    assert torch.equal(model[0].weight_sparsity.mask, eager_mask != 0)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(model)(x), expected)
+
+
+def test_mask_bytes_counts_each_storage_once():
+    shared = torch.ones(10, 10)
+    assert mask_bytes({"a": shared, "b": shared, "c": torch.ones(3, dtype=torch.bool)}) == 400 + 3
+    sparsity = torch.classes.sparsity.FakeSparsity(torch.ones(5, dtype=torch.bool))
+    assert mask_bytes({"w": sparsity}) == 5
+
+
 # -------------------------------------------------------------- refusals
 
 
@@ -513,8 +595,18 @@ def test_command_line_prunes_converts_and_saves(small_factory, tmp_path, capsys)
     assert "eager parametrized" in printed and "scripted and squashed" in printed
     loaded = torch.jit.load(str(out))
     assert set(fake_sparsities(loaded)) == {"0.weight", "4.weight"}
+    assert all(sparsity.mask.dtype == torch.bool for sparsity in fake_sparsities(loaded).values())
+    mask_kib = sum(sparsity.mask.numel() for sparsity in fake_sparsities(loaded).values()) / 1024
+    assert f"masks: {mask_kib / 1024:.1f} MiB, bool (as the sparsifier made them: {4 * mask_kib / 1024:.1f} MiB, float32)" in printed
     with torch.no_grad():
         assert_outputs_equal(loaded(torch.load(tmp_path / "in.pt")), torch.load(tmp_path / "out.pt"))
+
+
+def test_command_line_keeps_mask_dtype_on_request(small_factory, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert main(["--model", small_factory, "--sparsity", "0.5", "-o", str(out), "--keep-mask-dtype"]) == 0
+    assert "masks: 0.0 MiB, float32 (as the sparsifier made them: 0.0 MiB, float32)" in capsys.readouterr().out
+    assert all(s.mask.dtype == torch.float32 for s in fake_sparsities(torch.jit.load(str(out))).values())
 
 
 @pytest.mark.parametrize("form", ["dict", "sparsifier_state"])

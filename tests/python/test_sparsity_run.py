@@ -31,7 +31,8 @@ def files(tmp_path_factory):
     masks = {fqn: (torch.rand(getattr(eager.get_submodule(fqn[:-7]), "weight").shape) > 0.4).to(dtype)
              for fqn, dtype in MASK_DTYPES.items()}
     prepare_with_masks(eager, masks)
-    scripted = torch.jit.script(convert(eager))
+    # Masks kept in their dtypes, so that the listing shows each kind.
+    scripted = torch.jit.script(convert(eager, compact_masks=False))
     example = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         expected = eager(example)
@@ -71,6 +72,8 @@ def test_lists_fqn_shape_dtype_and_sparsity(files):
         line = re.search(rf"^  {re.escape(fqn)} +(\S.*?) +(\S+) +(\S+)$", out, re.M)
         assert line, out
         assert line.groups() == (shape, str(dtype).replace("torch.", ""), f"{level:.3f}")
+    mask_bytes = sum(m.parametrizations.weight[0].mask.nbytes for m in eager.modules() if hasattr(m, "parametrizations"))
+    assert f"  the masks take {mask_bytes / 2**20:.1f} MiB\n" in out
     assert "output" not in out  # no input, no inference
 
 
