@@ -19,6 +19,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace sparsity {
 namespace ops {
 namespace {
@@ -216,10 +220,39 @@ void apply_mask_cpu(
       });
 }
 
+// A result of 32 MiB or more is memory glibc has just mapped for it (its
+// mmap threshold never exceeds 32 MiB), and the first write to each 4 KiB
+// page faults: at 16M float32 elements the faults cost more than the kernel.
+// Advising transparent huge pages for the still untouched pages (what
+// PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every allocation) makes that one
+// fault per 2 MiB. Advice only: without THP support nothing changes.
+constexpr size_t kHugePageAdviceMinBytes = size_t{32} << 20;
+constexpr uintptr_t kHugePageBytes = uintptr_t{2} << 20;
+
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t nbytes = fresh.storage().nbytes();
+  if (nbytes < kHugePageAdviceMinBytes) {
+    return;
+  }
+  // Only whole huge pages inside the allocation: the advice must not reach
+  // memory that belongs to anything else.
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.storage().data());
+  const uintptr_t first = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  const uintptr_t last = (begin + nbytes) & ~(kHugePageBytes - 1);
+  if (last > first) {
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)fresh;
+#endif
+}
+
 at::Tensor fake_sparsity_cpu(const at::Tensor& x, const at::Tensor& mask) {
   detail::check_fake_sparsity_inputs("fake_sparsity", x, mask);
   at::Tensor out = at::empty_like(
       x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  advise_huge_pages(out);
   apply_mask_cpu("fake_sparsity", out, x, mask);
   return out;
 }

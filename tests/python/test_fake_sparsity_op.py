@@ -91,6 +91,21 @@ def test_large_tensor_uses_threads(mask_dtype):
     assert_bitwise_equal(fake_sparsity(xt, mt), mt * xt)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_results_past_32_mib_advised_huge_pages(x_dtype):
+    # Results of 32 MiB or more get transparent huge pages advised before the
+    # kernel writes them; a size that is no multiple of 2 MiB, and a view that
+    # starts mid-page, leave 4 KiB pages at the ends.
+    n = (1 << 24) + (1 << 18) + 7
+    x = make_x((n,), x_dtype)
+    for mask_dtype in (torch.bool, torch.float32):
+        mask = make_mask((n,), mask_dtype)
+        out = fake_sparsity(x, mask)
+        assert out.untyped_storage().nbytes() >= 32 << 20
+        assert_bitwise_equal(out, mask * x)
+        assert_bitwise_equal(fake_sparsity(x[5:], mask[5:]), mask[5:] * x[5:])
+
+
 def test_output_layout_follows_x():
     x = make_x((2, 3, 5, 4), torch.float32).contiguous(memory_format=torch.channels_last)
     mask = make_mask((2, 3, 5, 4), torch.bool).contiguous(memory_format=torch.channels_last)
