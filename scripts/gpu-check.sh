@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
-# Seconds per step: 440 in all (455 with the kill grace of each), under 8
+# Seconds per step: 440 in all (465 with the kill grace of each), under 8
 # minutes with room for start-up.
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
 TEST_TIMEOUT=${TEST_TIMEOUT:-180}
