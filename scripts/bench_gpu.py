@@ -8,13 +8,25 @@ events: warm-up runs, then the median of --runs runs. Bytes moved: x read +
 mask read + output written (the copy: x read + y written).
 
     python3 scripts/bench_gpu.py [--runs 50] [--out table.txt]
+        [--check] [--json rows.json] [--sizes 26 28] [--device cuda]
+
+--check first compares fake_sparsity and fake_sparsity_ bit for bit with
+`mask * x` and `x.mul_(mask)` over several dtypes, lengths that are not
+multiples of 16, and views whose data pointers are misaligned (each in-place
+case also checks that nothing outside the view was written); it prints one
+line per failure and the exit status is 3 when any case fails (the timings
+still run). --json writes the check and every table row as JSON.
+--device cpu runs everything on the CPU (perf_counter timing), only to try
+this script and scripts/gpu-tune.sh on a machine without a GPU.
 
 The plugin is $TORCH_SPARSITY_LIBRARY, else build/libtorch_sparsity.so.
 """
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,15 +34,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_sparsity  # noqa: E402
 
-SIZES = [1 << 26, 1 << 28]
+SIZES = [26, 28]
 MASK_DTYPES = [torch.float32, torch.bool, torch.uint8]
 
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
-def time_ms(fn, runs, warmup):
+
+def time_ms(fn, runs, warmup, device="cuda"):
     """Median milliseconds of fn() over runs, each timed with CUDA events on
-    the current stream."""
+    the current stream (with perf_counter on the CPU)."""
     for _ in range(warmup):
         fn()
+    if device == "cpu":
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
@@ -47,14 +68,85 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def _same_bits(actual, expected):
+    """Same dtype, shape and bits (so -0.0 differs from 0.0); the inputs hold
+    no NaN, so the bits of a correct result are determined."""
+    if actual.dtype != expected.dtype or actual.shape != expected.shape:
+        return False
+    return torch.equal(actual.view(_BITS[actual.dtype]), expected.view(_BITS[expected.dtype]))
+
+
+def _check_inputs(length, x_dtype, mask_dtype, pad, device, gen):
+    """Buffers of length + pad elements: x from randn with exact zeros and
+    negative values (so -0.0 results), a 0/1 mask, and for floating masks also
+    0.5 and -2 (rounding and sign)."""
+    n = length + pad
+    x = torch.randn(n, generator=gen, device=device)
+    x[torch.rand(n, generator=gen, device=device) < 0.05] = 0.0
+    keep = torch.rand(n, generator=gen, device=device) > 0.5
+    if mask_dtype in (torch.bool, torch.uint8):
+        mask = keep.to(mask_dtype)
+    else:
+        mask = keep.float()
+        pick = torch.rand(n, generator=gen, device=device)
+        mask[pick < 0.1] = 0.5
+        mask[pick > 0.9] = -2.0
+        mask = mask.to(mask_dtype)
+    return x.to(x_dtype), mask
+
+
+def check_correctness(fake_sparsity, fake_sparsity_, device):
+    """Bitwise comparisons of both forms with PyTorch on dense views at
+    several alignments; returns (number of cases, failure messages)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x_dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    mask_dtypes = [torch.bool, torch.uint8, torch.float32, torch.float16]
+    lengths = [1, 15, 16, 17, 1000, 4096 + 13, (1 << 20) + 7]
+    # Element offsets of the x and mask views: aligned, misaligned for every
+    # pack width, and aligned for one tensor only.
+    offsets = [(0, 0), (1, 1), (0, 1), (1, 0), (2, 2), (4, 4), (4, 0), (0, 4), (8, 8), (16, 16), (16, 0), (0, 16)]
+    cases = [(xd, md, n, off) for xd in x_dtypes for md in mask_dtypes for n in lengths for off in offsets]
+    if device == "cuda":
+        # Many grid-stride rounds and a tail, for the common pairs.
+        big = (1 << 24) + 5
+        cases += [(torch.float32, md, big, off) for md in MASK_DTYPES for off in [(0, 0), (16, 16), (4, 4), (1, 1)]]
+    pad = 32
+    failures = []
+    for x_dtype, mask_dtype, length, (ox, om) in cases:
+        xbuf, mbuf = _check_inputs(length, x_dtype, mask_dtype, pad, device, gen)
+        x, mask = xbuf[ox : ox + length], mbuf[om : om + length]
+        what = f"x {dtype_name(x_dtype)}[{ox}:], mask {dtype_name(mask_dtype)}[{om}:], {length} elements"
+        if not _same_bits(fake_sparsity(x, mask), mask * x):
+            failures.append(f"fake_sparsity, {what}")
+        expected = x.clone()
+        expected.mul_(mask)
+        ybuf = xbuf.clone()
+        y = ybuf[ox : ox + length]
+        fake_sparsity_(y, mask)
+        if not _same_bits(y, expected):
+            failures.append(f"fake_sparsity_, {what}")
+        outside = torch.ones(length + pad, dtype=torch.bool, device=device)
+        outside[ox : ox + length] = False
+        if not _same_bits(ybuf[outside], xbuf[outside]):
+            failures.append(f"fake_sparsity_ wrote outside its view, {what}")
+    return 2 * len(cases), failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="timed runs per case (median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs before timing")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--check", action="store_true", help="check results bit for bit first (exit status 3 if wrong)")
+    parser.add_argument("--json", help="write the check result and the table rows to this JSON file")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=SIZES, metavar="LOG2", help="sizes as powers of two (default 26 28)"
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: only to try the script")
     args = parser.parse_args()
+    device = args.device
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         print(
             f"bench_gpu.py: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); "
             "this benchmark needs a GPU",
@@ -62,18 +154,30 @@ def main():
         )
         return 2
     library = torch_sparsity.load_library()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
+    if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
         print(f"bench_gpu.py: {library} has no CUDA kernels (built without CUDA?)", file=sys.stderr)
         return 2
     fake_sparsity = torch.ops.sparsity.fake_sparsity
 
-    device = torch.cuda.get_device_name()
+    report = {"torch": torch.__version__, "library": library, "device": device, "check": None, "rows": []}
+    check_failed = False
+    if args.check:
+        start = time.perf_counter()
+        cases, failures = check_correctness(fake_sparsity, torch.ops.sparsity.fake_sparsity_, device)
+        check_failed = bool(failures)
+        for failure in failures[:20]:
+            print(f"check: WRONG: {failure}", flush=True)
+        verdict = f"WRONG in {len(failures)} of {cases} cases" if failures else f"ok, {cases} cases"
+        print(f"check: {verdict} ({time.perf_counter() - start:.1f}s)", flush=True)
+        report["check"] = {"ok": not failures, "cases": cases, "failures": failures}
+
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     header = (
         f"{'elements':>8}  {'case':<30} {'ms':>8} {'GB/s':>8} {'of copy':>8} "
         f"{'vs mask*x':>10} {'vs float*x':>10}"
     )
     lines = [
-        f"torch {torch.__version__}, {device}, library {library}",
+        f"torch {torch.__version__}, {device_name}, library {library}",
         f"float32 x; median of {args.runs} runs after {args.warmup} warm-up runs",
         "GB/s: (x read + mask read + out written) / time; copy: (read + write) / time",
         "of copy: GB/s / copy GB/s; vs mask*x: time of mask * x with the same mask / time;",
@@ -83,43 +187,61 @@ def main():
     ]
     print("\n".join(lines), flush=True)
 
-    def emit(label, case, ms, bytes_moved, copy_gbps, same_mask_ref_ms=None, float_ref_ms=None):
+    def emit(numel, case, mask_dtype, ms, bytes_moved, copy_gbps, same_mask_ref_ms=None, float_ref_ms=None):
+        label = f"2^{numel.bit_length() - 1}"
+        title = case if mask_dtype is None else f"{case}, {dtype_name(mask_dtype)} mask"
         gbps = bytes_moved / ms / 1e6
         vs_same = f"{same_mask_ref_ms / ms:10.2f}" if same_mask_ref_ms else f"{'':>10}"
         vs_float = f"{float_ref_ms / ms:10.2f}" if float_ref_ms else f"{'':>10}"
-        line = f"{label:>8}  {case:<30} {ms:8.3f} {gbps:8.1f} {gbps / copy_gbps:8.2f} {vs_same} {vs_float}"
+        line = f"{label:>8}  {title:<30} {ms:8.3f} {gbps:8.1f} {gbps / copy_gbps:8.2f} {vs_same} {vs_float}"
         lines.append(line)
         print(line, flush=True)
+        report["rows"].append(
+            {
+                "elements": numel,
+                "case": case,
+                "mask": None if mask_dtype is None else dtype_name(mask_dtype),
+                "ms": ms,
+                "gbps": gbps,
+                "of_copy": gbps / copy_gbps,
+                "vs_same_mask": same_mask_ref_ms / ms if same_mask_ref_ms else None,
+                "vs_float_mask": float_ref_ms / ms if float_ref_ms else None,
+            }
+        )
         return gbps
 
-    for numel in SIZES:
-        label = f"2^{numel.bit_length() - 1}"
-        x = torch.randn(numel, device="cuda")
+    def timed(fn):
+        return time_ms(fn, args.runs, args.warmup, device)
+
+    for numel in (1 << s for s in args.sizes):
+        x = torch.randn(numel, device=device)
         y = torch.empty_like(x)
-        copy_ms = time_ms(lambda: y.copy_(x), args.runs, args.warmup)
+        copy_ms = timed(lambda: y.copy_(x))
         copy_gbps = 2 * x.numel() * x.element_size() / copy_ms / 1e6
-        emit(label, "copy y.copy_(x)", copy_ms, 2 * x.numel() * x.element_size(), copy_gbps)
+        emit(numel, "copy y.copy_(x)", None, copy_ms, 2 * x.numel() * x.element_size(), copy_gbps)
         del y
-        float_mask = (torch.rand(numel, device="cuda") > 0.5).float()
-        float_ref_ms = time_ms(lambda: float_mask * x, args.runs, args.warmup)
+        float_mask = (torch.rand(numel, device=device) > 0.5).float()
+        float_ref_ms = timed(lambda: float_mask * x)
         for mask_dtype in MASK_DTYPES:
             mask = float_mask.to(mask_dtype)
             bytes_moved = x.numel() * (x.element_size() + mask.element_size() + 4)  # float32 out
-            ours_ms = time_ms(lambda: fake_sparsity(x, mask), args.runs, args.warmup)
+            ours_ms = timed(lambda: fake_sparsity(x, mask))
             if mask_dtype == torch.float32:
                 ref_ms = float_ref_ms
             else:
-                ref_ms = time_ms(lambda: mask * x, args.runs, args.warmup)
-            name = dtype_name(mask_dtype)
-            emit(label, f"fake_sparsity, {name} mask", ours_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
-            emit(label, f"mask * x, {name} mask", ref_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
+                ref_ms = timed(lambda: mask * x)
+            emit(numel, "fake_sparsity", mask_dtype, ours_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
+            emit(numel, "mask * x", mask_dtype, ref_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
             del mask
         del x, float_mask
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
-    return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 3 if check_failed else 0
 
 
 if __name__ == "__main__":

@@ -6,17 +6,26 @@
 #
 #   scripts/gpu-check.sh            (PYTHON, BUILD_DIR override the defaults)
 #
-# The log, the pytest output and JUnit XML, and the benchmark table go to $OUT
-# when it is set, else to $BUILD_DIR/gpu-check/. Exit status 0 only when the
+# The tests run verbosely; a test that kills pytest (a segfault) is named as
+# crashed and the tests after it still run (scripts/pytest-retry-crashes.sh).
+# The log (gpu-check.log), the pytest output (pytest-cuda.txt), one
+# "STATUS node-id" line per test (pytest-cuda-results.txt) and the benchmark
+# table (bench_gpu.txt) go to $OUT when it is set, else to
+# $BUILD_DIR/gpu-check/. The summary at the end names every test that failed,
+# errored, crashed, timed out or did not run. Exit status 0 only when the
 # build and the tests passed and the benchmark ran.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
-# Seconds per step: 450 in all, under 8 minutes with room for start-up.
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-210}
+# Seconds per step: 440 in all (465 with the kill grace of each), under 8
+# minutes with room for start-up.
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
 TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+# pytest runs again after a crash (without the crashed test) at most this
+# many times, within TEST_TIMEOUT.
+MAX_CRASHES=${MAX_CRASHES:-3}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 
 results=${OUT:-$BUILD_DIR/gpu-check}
@@ -62,16 +71,20 @@ main() {
 
   local test_status=1 bench_status=1 test_line="not run"
   if [ "$build_status" -eq 0 ]; then
-    # ---- CUDA tests
+    # ---- CUDA tests: verbose, and a test that crashes pytest (a segfault)
+    # is recorded and the tests after it run in a new pytest
+    # (scripts/pytest-retry-crashes.sh), all within TEST_TIMEOUT.
     echo "== CUDA tests (limit ${TEST_TIMEOUT}s)"
     start=$SECONDS
     if "$PYTHON" -c 'import pytest' 2>/dev/null; then
-      TORCH_SPARSITY_LIBRARY=$library timeout -k 10 "$TEST_TIMEOUT" \
-        "$PYTHON" -m pytest tests/python/test_cuda.py -q -rs -p no:cacheprovider \
-        --junitxml="$results/pytest-cuda.xml" 2>&1 | tee "$results/pytest-cuda.txt"
-      test_status=${PIPESTATUS[0]}
-      test_line=$(grep -E "[0-9]+ (passed|failed|errors?|skipped)" "$results/pytest-cuda.txt" | tail -1 \
-        | sed 's/=//g; s/^ *//; s/ *$//')
+      local summary_file
+      summary_file=$(mktemp)
+      PYTHON=$PYTHON TORCH_SPARSITY_LIBRARY=$library scripts/pytest-retry-crashes.sh \
+        --limit "$TEST_TIMEOUT" --max-crashes "$MAX_CRASHES" --out "$results/pytest-cuda" \
+        --summary "$summary_file" -- tests/python/test_cuda.py
+      test_status=$?
+      test_line=$(cat "$summary_file")
+      rm -f "$summary_file"
     else
       echo "gpu-check: pytest is not installed for $PYTHON; the CUDA tests cannot run"
       test_line="pytest not installed"
@@ -103,6 +116,10 @@ main() {
   echo "== gpu-check summary (${SECONDS}s in all)"
   printf '%-10s %-8s %7s  %s\n' step status time details
   printf '%s\n' "${summary_rows[@]}"
+  # Every test that did not pass or skip, by name (crashed ones with the signal).
+  if [ -f "$results/pytest-cuda-results.txt" ]; then
+    grep -vE '^(PASSED|SKIPPED|XFAIL|XPASS) ' "$results/pytest-cuda-results.txt" | sed 's/^/  test /'
+  fi
   [ "$build_status" -eq 0 ] && [ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
 }
 

@@ -4,20 +4,40 @@
 // operands converted to the op-math type of the promoted dtype, multiplied,
 // rounded once to the output dtype. Two kernels:
 //  - flat: x, mask and out share one dense memory layout, so element i of each
-//    is at offset i. Each thread moves several elements per load (16 bytes of
-//    the widest of the three types) when all three pointers are aligned for
-//    it, and one element per load otherwise (a view such as x[1:] starts
+//    is at offset i. Each thread moves several elements per access ("a
+//    pack": 16 bytes of the widest of the three types, or with a 1-byte mask
+//    optionally more, below) when all three pointers are aligned for it, and
+//    one element per access otherwise (a view such as x[1:] starts
 //    mid-vector).
 //  - strided: any other layout; every element's three offsets are computed
-//    from its linear index with 64-bit arithmetic.
-// Both are grid-stride loops over a capped grid, with 64-bit indices, so
-// tensors of more than 2^31 elements work. Everything runs on PyTorch's
-// current stream of x's device.
+//    from its linear index with 64-bit arithmetic. Layouts of more than
+//    kMaxDims dimensions (after merging) loop over the outer ones on the host.
+// Both are grid-stride loops with 64-bit indices, so tensors of more than
+// 2^31 elements work. Everything runs on PyTorch's current stream of x's
+// device.
+//
+// Launch settings of the flat kernel, fixed at compile time (CMake cache
+// variables of the same names set them; see CMakeLists.txt):
+//  TORCH_SPARSITY_CUDA_FLAT_THREADS      threads per block (256)
+//  TORCH_SPARSITY_CUDA_FLAT_UNROLL       packs each thread loads before it
+//                                        computes and stores (4)
+//  TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES   grid cap, in waves of
+//                                        SMs * 2048 / threads blocks (1);
+//                                        0: one block per chunk, no cap
+//  TORCH_SPARSITY_CUDA_BYTE_MASK_VEC     elements per pack with a bool or
+//                                        uint8 mask (0: the rule above); 8 or
+//                                        16 load that many mask bytes at once,
+//                                        and x and out in up to four 16-byte
+//                                        pieces (float32 and 16: one 16-byte
+//                                        mask load, four of x, four stores)
+//  TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL  the unroll of those packs
+//                                        (0: FLAT_UNROLL)
+// A pointer not aligned for the wide pack falls back to the 16-byte pack,
+// then to one element per access.
 
 #include "ops/fake_sparsity_common.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,40 +49,97 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#ifndef TORCH_SPARSITY_CUDA_FLAT_THREADS
+#define TORCH_SPARSITY_CUDA_FLAT_THREADS 256
+#endif
+#ifndef TORCH_SPARSITY_CUDA_FLAT_UNROLL
+#define TORCH_SPARSITY_CUDA_FLAT_UNROLL 4
+#endif
+#ifndef TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES
+#define TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES 1
+#endif
+#ifndef TORCH_SPARSITY_CUDA_BYTE_MASK_VEC
+#define TORCH_SPARSITY_CUDA_BYTE_MASK_VEC 0
+#endif
+#ifndef TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL
+#define TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL 0
+#endif
 
 namespace sparsity {
 namespace ops {
 namespace {
 
-constexpr int kThreadsPerBlock = 256;
-// Vectors each thread loads before it computes and stores, so that several
-// loads per thread are in flight at once.
-constexpr int kUnroll = 4;
-// Widest load, in bytes.
+constexpr int kFlatThreads = TORCH_SPARSITY_CUDA_FLAT_THREADS;
+constexpr int kFlatUnroll = TORCH_SPARSITY_CUDA_FLAT_UNROLL;
+constexpr int kFlatGridWaves = TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES;
+constexpr int kByteMaskVec = TORCH_SPARSITY_CUDA_BYTE_MASK_VEC;
+constexpr int kByteMaskUnroll = TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL > 0
+    ? TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL
+    : kFlatUnroll;
+constexpr int kStridedThreads = 256;
+// Widest single load, in bytes.
 constexpr int kMaxLoadBytes = 16;
+// Most bytes of x (or out) per pack: four 16-byte loads.
+constexpr int kMaxPackBytes = 4 * kMaxLoadBytes;
+// Resident threads per SM that a wave of the grid cap counts (sm_90).
+constexpr int kThreadsPerSM = 2048;
 // Dimensions the strided kernel takes after merging (TensorIterator's limit).
 constexpr int kMaxDims = 25;
-// The flat kernel's last numel % kVec (< kVec <= kMaxLoadBytes) elements go
-// to one thread each of the first block.
-static_assert(kThreadsPerBlock >= kMaxLoadBytes, "first block must cover the tail");
+
+static_assert(
+    kFlatThreads >= 32 && kFlatThreads <= 1024 && kFlatThreads % 32 == 0,
+    "TORCH_SPARSITY_CUDA_FLAT_THREADS: a multiple of 32 from 32 to 1024");
+static_assert(
+    kFlatUnroll >= 1 && kFlatUnroll <= 16 && kByteMaskUnroll <= 16,
+    "TORCH_SPARSITY_CUDA_FLAT_UNROLL and _BYTE_MASK_UNROLL: 1 to 16");
+static_assert(kFlatGridWaves >= 0, "TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES: 0 (no cap) or more");
+static_assert(
+    kByteMaskVec == 0 || kByteMaskVec == 8 || kByteMaskVec == 16,
+    "TORCH_SPARSITY_CUDA_BYTE_MASK_VEC: 0, 8 or 16");
+// The flat kernel's last numel % kVec (< kVec <= 16) elements go to one
+// thread each of the first block.
+static_assert(kFlatThreads >= 16, "first block must cover the tail");
 
 template <typename compute_t, typename out_t, typename x_t, typename mask_t>
 C10_HOST_DEVICE inline out_t masked_value(mask_t m, x_t v) {
   return static_cast<out_t>(static_cast<compute_t>(m) * static_cast<compute_t>(v));
 }
 
-// kVec elements of T loaded or stored as one access of sizeof(T) * kVec
-// bytes (a power of two up to 16, so a single vector instruction).
+// kVec elements of T, loaded or stored as one access of sizeof(T) * kVec
+// bytes when that is at most 16 (a power of two, so a single vector
+// instruction), else as 16-byte pieces.
 template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
+struct alignas(std::min<size_t>(sizeof(T) * kVec, kMaxLoadBytes)) Pack {
   T v[kVec];
 };
 
-// Elements per vector load: 16 bytes of the widest of the three types.
+template <typename out_t, typename x_t, typename mask_t>
+constexpr int widest_size() {
+  return static_cast<int>(std::max({sizeof(out_t), sizeof(x_t), sizeof(mask_t)}));
+}
+
+// Elements per pack: 16 bytes of the widest of the three types.
 template <typename out_t, typename x_t, typename mask_t>
 constexpr int vector_width() {
-  return kMaxLoadBytes /
-      static_cast<int>(std::max({sizeof(out_t), sizeof(x_t), sizeof(mask_t)}));
+  return kMaxLoadBytes / widest_size<out_t, x_t, mask_t>();
+}
+
+// Elements per pack with a 1-byte mask under TORCH_SPARSITY_CUDA_BYTE_MASK_VEC
+// (at most kMaxPackBytes of x and of out); 0 when that path is off or would be
+// no wider than vector_width.
+template <typename out_t, typename x_t, typename mask_t>
+constexpr int byte_mask_width() {
+  if (kByteMaskVec == 0 || sizeof(mask_t) != 1) {
+    return 0;
+  }
+  const int width = std::min(
+      kByteMaskVec,
+      kMaxPackBytes / static_cast<int>(std::max(sizeof(out_t), sizeof(x_t))));
+  return width > vector_width<out_t, x_t, mask_t>() ? width : 0;
 }
 
 // One chunk of the flat kernel: kUnroll packs per thread, consecutive
@@ -71,7 +148,7 @@ constexpr int vector_width() {
 // by the same thread, so that is safe. kChecked drops packs at or past
 // num_packs; chunks that lie wholly inside skip the checks, which also lets
 // the compiler keep all loads in flight together.
-template <bool kChecked, int kVec, typename out_t, typename x_t, typename mask_t>
+template <bool kChecked, int kVec, int kUnroll, typename out_t, typename x_t, typename mask_t>
 __device__ inline void apply_mask_chunk(
     Pack<out_t, kVec>* out_packs,
     const Pack<x_t, kVec>* x_packs,
@@ -107,8 +184,8 @@ __device__ inline void apply_mask_chunk(
 // out[i] = mask[i] * x[i] for i < numel, kVec elements per access. The
 // pointers must be aligned to their Pack; kVec == 1 needs no more than the
 // element alignment every tensor has.
-template <int kVec, typename out_t, typename x_t, typename mask_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) apply_mask_flat_kernel(
+template <int kVec, int kUnroll, typename out_t, typename x_t, typename mask_t>
+__global__ void __launch_bounds__(kFlatThreads) apply_mask_flat_kernel(
     out_t* out,
     const x_t* x,
     const mask_t* mask,
@@ -125,10 +202,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock) apply_mask_flat_kernel(
        chunk += grid_work) {
     const int64_t first_pack = chunk + threadIdx.x;
     if (chunk + block_work <= num_packs) {
-      apply_mask_chunk<false, kVec>(
+      apply_mask_chunk<false, kVec, kUnroll>(
           out_packs, x_packs, mask_packs, first_pack, num_packs);
     } else {
-      apply_mask_chunk<true, kVec>(
+      apply_mask_chunk<true, kVec, kUnroll>(
           out_packs, x_packs, mask_packs, first_pack, num_packs);
     }
   }
@@ -152,7 +229,7 @@ struct StridedLayout {
 };
 
 template <typename out_t, typename x_t, typename mask_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) apply_mask_strided_kernel(
+__global__ void __launch_bounds__(kStridedThreads) apply_mask_strided_kernel(
     out_t* out,
     const x_t* x,
     const mask_t* mask,
@@ -177,63 +254,201 @@ __global__ void __launch_bounds__(kThreadsPerBlock) apply_mask_strided_kernel(
   }
 }
 
-// Fills layout with x's shape, dropping size-1 dimensions and merging each
-// dimension into the one outside it when all three tensors step through them
-// as one (fewer divisions per element). False when more than kMaxDims remain.
-bool make_strided_layout(
+// One dimension of the three tensors: its size and element strides.
+struct Dim {
+  int64_t size;
+  int64_t out_stride;
+  int64_t x_stride;
+  int64_t mask_stride;
+};
+
+// x's shape without size-1 dimensions, each dimension merged into the one
+// outside it when all three tensors step through them as one (fewer
+// divisions per element). At least one dimension (a 0-d or all-ones shape
+// gives one of size 1).
+std::vector<Dim> merged_dims(
     const at::Tensor& out,
     const at::Tensor& x,
-    const at::Tensor& mask,
-    StridedLayout& layout) {
-  int n = 0;
+    const at::Tensor& mask) {
+  std::vector<Dim> dims;
   for (int64_t d = 0; d < x.dim(); ++d) {
-    const int64_t size = x.size(d);
-    if (size == 1) {
+    const Dim next{x.size(d), out.stride(d), x.stride(d), mask.stride(d)};
+    if (next.size == 1) {
       continue;
     }
-    const int64_t os = out.stride(d), xs = x.stride(d), ms = mask.stride(d);
-    if (n > 0 && layout.out_strides[n - 1] == os * size &&
-        layout.x_strides[n - 1] == xs * size &&
-        layout.mask_strides[n - 1] == ms * size) {
-      layout.sizes[n - 1] *= size;
-      layout.out_strides[n - 1] = os;
-      layout.x_strides[n - 1] = xs;
-      layout.mask_strides[n - 1] = ms;
-      continue;
+    if (!dims.empty()) {
+      Dim& outer = dims.back();
+      if (outer.out_stride == next.out_stride * next.size &&
+          outer.x_stride == next.x_stride * next.size &&
+          outer.mask_stride == next.mask_stride * next.size) {
+        outer.size *= next.size;
+        outer.out_stride = next.out_stride;
+        outer.x_stride = next.x_stride;
+        outer.mask_stride = next.mask_stride;
+        continue;
+      }
     }
-    if (n == kMaxDims) {
-      return false;
-    }
-    layout.sizes[n] = size;
-    layout.out_strides[n] = os;
-    layout.x_strides[n] = xs;
-    layout.mask_strides[n] = ms;
-    ++n;
+    dims.push_back(next);
   }
-  if (n == 0) {
-    // One element (0-d, or every size 1).
-    layout.sizes[0] = 1;
-    layout.out_strides[0] = layout.x_strides[0] = layout.mask_strides[0] = 0;
-    n = 1;
+  if (dims.empty()) {
+    dims.push_back(Dim{1, 0, 0, 0});
   }
-  layout.ndim = n;
-  return true;
+  return dims;
 }
 
-// blocks_needed, capped at what the device keeps resident at once (the
-// kernels are grid-stride loops and do the rest) and at least 1.
-unsigned int grid_size(int64_t blocks_needed, c10::DeviceIndex device) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_blocks =
-      static_cast<int64_t>(std::max(sm_count, 1)) * (2048 / kThreadsPerBlock);
+// Blocks for a grid-stride kernel: blocks_needed, capped at `waves` times
+// what the device keeps resident at once (no cap when waves is 0), and at
+// least 1.
+unsigned int grid_size(
+    int64_t blocks_needed,
+    int threads_per_block,
+    int waves,
+    c10::DeviceIndex device) {
+  int64_t max_blocks = std::numeric_limits<int32_t>::max(); // gridDim.x limit
+  if (waves > 0) {
+    int sm_count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(
+        &sm_count, cudaDevAttrMultiProcessorCount, device));
+    max_blocks = static_cast<int64_t>(std::max(sm_count, 1)) *
+        (kThreadsPerSM / threads_per_block) * waves;
+  }
   return static_cast<unsigned int>(
       std::clamp<int64_t>(blocks_needed, 1, max_blocks));
 }
 
-bool is_aligned(const void* p, size_t bytes) {
+template <typename T>
+bool is_aligned(const T* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// True when the three pointers can be read and written as packs of kVec.
+template <int kVec, typename out_t, typename x_t, typename mask_t>
+bool pack_aligned(const out_t* out, const x_t* x, const mask_t* mask) {
+  return is_aligned(out, alignof(Pack<out_t, kVec>)) &&
+      is_aligned(x, alignof(Pack<x_t, kVec>)) &&
+      is_aligned(mask, alignof(Pack<mask_t, kVec>));
+}
+
+template <int kVec, int kUnroll, typename out_t, typename x_t, typename mask_t>
+void launch_flat(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    int64_t numel,
+    c10::DeviceIndex device,
+    cudaStream_t stream) {
+  constexpr int64_t kBlockPacks = static_cast<int64_t>(kFlatThreads) * kUnroll;
+  const int64_t blocks = (numel / kVec + kBlockPacks - 1) / kBlockPacks;
+  apply_mask_flat_kernel<kVec, kUnroll, out_t, x_t, mask_t>
+      <<<grid_size(blocks, kFlatThreads, kFlatGridWaves, device),
+         kFlatThreads,
+         0,
+         stream>>>(out, x, mask, numel);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The widest pack all three pointers are aligned for: the byte-mask pack
+// (when enabled), the 16-byte pack, one element.
+template <typename out_t, typename x_t, typename mask_t>
+void launch_apply_mask_flat(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    int64_t numel,
+    c10::DeviceIndex device,
+    cudaStream_t stream) {
+  constexpr int kWide = byte_mask_width<out_t, x_t, mask_t>();
+  if constexpr (kWide > 0) {
+    if (pack_aligned<kWide>(out, x, mask)) {
+      launch_flat<kWide, kByteMaskUnroll>(out, x, mask, numel, device, stream);
+      return;
+    }
+  }
+  constexpr int kVec = vector_width<out_t, x_t, mask_t>();
+  if (pack_aligned<kVec>(out, x, mask)) {
+    launch_flat<kVec, kFlatUnroll>(out, x, mask, numel, device, stream);
+  } else {
+    launch_flat<1, kFlatUnroll>(out, x, mask, numel, device, stream);
+  }
+}
+
+template <typename out_t, typename x_t, typename mask_t>
+void launch_strided(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    const StridedLayout& layout,
+    c10::DeviceIndex device,
+    cudaStream_t stream) {
+  int64_t numel = 1;
+  for (int d = 0; d < layout.ndim; ++d) {
+    numel *= layout.sizes[d];
+  }
+  const int64_t blocks = (numel + kStridedThreads - 1) / kStridedThreads;
+  apply_mask_strided_kernel<out_t, x_t, mask_t>
+      <<<grid_size(blocks, kStridedThreads, 1, device), kStridedThreads, 0, stream>>>(
+          out, x, mask, numel, layout);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The strided kernel over dims. More than kMaxDims of them: the kernel takes
+// the kMaxDims largest, and the host loops over every index of the others
+// (one launch each, pointers moved to that sub-tensor).
+template <typename out_t, typename x_t, typename mask_t>
+void launch_apply_mask_strided(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    const std::vector<Dim>& dims,
+    c10::DeviceIndex device,
+    cudaStream_t stream) {
+  const int ndim = static_cast<int>(dims.size());
+  std::vector<bool> on_host(ndim, false);
+  if (ndim > kMaxDims) {
+    std::vector<int> by_size(ndim);
+    std::iota(by_size.begin(), by_size.end(), 0);
+    std::stable_sort(by_size.begin(), by_size.end(), [&](int a, int b) {
+      return dims[a].size < dims[b].size;
+    });
+    for (int k = 0; k < ndim - kMaxDims; ++k) {
+      on_host[by_size[k]] = true;
+    }
+  }
+  StridedLayout layout;
+  layout.ndim = 0;
+  std::vector<int> host_dims;
+  for (int d = 0; d < ndim; ++d) {
+    if (on_host[d]) {
+      host_dims.push_back(d);
+      continue;
+    }
+    layout.sizes[layout.ndim] = dims[d].size;
+    layout.out_strides[layout.ndim] = dims[d].out_stride;
+    layout.x_strides[layout.ndim] = dims[d].x_stride;
+    layout.mask_strides[layout.ndim] = dims[d].mask_stride;
+    ++layout.ndim;
+  }
+  // Odometer over the host dimensions (none: one launch).
+  std::vector<int64_t> index(host_dims.size(), 0);
+  while (true) {
+    int64_t out_offset = 0, x_offset = 0, mask_offset = 0;
+    for (size_t k = 0; k < host_dims.size(); ++k) {
+      const Dim& dim = dims[host_dims[k]];
+      out_offset += index[k] * dim.out_stride;
+      x_offset += index[k] * dim.x_stride;
+      mask_offset += index[k] * dim.mask_stride;
+    }
+    launch_strided(
+        out + out_offset, x + x_offset, mask + mask_offset, layout, device, stream);
+    int k = static_cast<int>(host_dims.size()) - 1;
+    while (k >= 0 && ++index[k] == dims[host_dims[k]].size) {
+      index[k] = 0;
+      --k;
+    }
+    if (k < 0) {
+      return;
+    }
+  }
 }
 
 template <typename out_t, typename x_t, typename mask_t>
@@ -241,51 +456,17 @@ void launch_apply_mask(
     const at::Tensor& out,
     const at::Tensor& x,
     const at::Tensor& mask) {
-  const int64_t numel = x.numel();
   const c10::DeviceIndex device = x.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   out_t* out_ptr = out.data_ptr<out_t>();
   const x_t* x_ptr = x.const_data_ptr<x_t>();
   const mask_t* mask_ptr = mask.const_data_ptr<mask_t>();
-
   if (detail::share_dense_layout(x, mask, out)) {
-    constexpr int kVec = vector_width<out_t, x_t, mask_t>();
-    const bool vectorizable = is_aligned(out_ptr, sizeof(out_t) * kVec) &&
-        is_aligned(x_ptr, sizeof(x_t) * kVec) &&
-        is_aligned(mask_ptr, sizeof(mask_t) * kVec);
-    if (vectorizable) {
-      const int64_t blocks = (numel / kVec + kThreadsPerBlock * kUnroll - 1) /
-          (kThreadsPerBlock * kUnroll);
-      apply_mask_flat_kernel<kVec, out_t, x_t, mask_t>
-          <<<grid_size(blocks, device), kThreadsPerBlock, 0, stream>>>(
-              out_ptr, x_ptr, mask_ptr, numel);
-    } else {
-      const int64_t blocks = (numel + kThreadsPerBlock * kUnroll - 1) /
-          (kThreadsPerBlock * kUnroll);
-      apply_mask_flat_kernel<1, out_t, x_t, mask_t>
-          <<<grid_size(blocks, device), kThreadsPerBlock, 0, stream>>>(
-              out_ptr, x_ptr, mask_ptr, numel);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    launch_apply_mask_flat(out_ptr, x_ptr, mask_ptr, x.numel(), device, stream);
+  } else {
+    launch_apply_mask_strided(
+        out_ptr, x_ptr, mask_ptr, merged_dims(out, x, mask), device, stream);
   }
-
-  StridedLayout layout;
-  if (make_strided_layout(out, x, mask, layout)) {
-    const int64_t blocks = (numel + kThreadsPerBlock - 1) / kThreadsPerBlock;
-    apply_mask_strided_kernel<out_t, x_t, mask_t>
-        <<<grid_size(blocks, device), kThreadsPerBlock, 0, stream>>>(
-            out_ptr, x_ptr, mask_ptr, numel, layout);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-
-  // More than kMaxDims dimensions that cannot be merged: compute on
-  // contiguous copies and copy the result into place.
-  at::Tensor contiguous_out = at::empty(out.sizes(), out.options());
-  launch_apply_mask<out_t, x_t, mask_t>(
-      contiguous_out, x.contiguous(), mask.contiguous());
-  out.copy_(contiguous_out);
 }
 
 // out = mask * x, out already allocated with the result (or x's) dtype.

@@ -8,6 +8,7 @@ non-contiguous layouts, the strided kernel, more than 25 dimensions, and more
 than 2^31 elements. The whole module skips, with the reason, without a GPU.
 """
 
+import functools
 import io
 
 import pytest
@@ -70,10 +71,16 @@ def _contiguous(t):
     return t.clone()
 
 
+# Buffers around views are filled with this, so that a kernel writing
+# outside its view shows (the in-place test compares the whole buffer).
+_GUARD = 7
+
+
 def _offset_by_one(t):
-    # Storage offset of one element: data_ptr is not 16-byte aligned.
-    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buffer[1:].view(t.shape)
+    # Storage offset of one element: data_ptr is not 16-byte aligned. 16
+    # guard elements follow the view.
+    buffer = torch.full((t.numel() + 17,), _GUARD, dtype=t.dtype, device=t.device)
+    view = buffer[1 : t.numel() + 1].view(t.shape)
     view.copy_(t)
     return view
 
@@ -85,7 +92,7 @@ def _transposed(t):
 
 def _stepped(t):
     # Every other element of a tensor twice as long in the last dimension.
-    buffer = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+    buffer = torch.full(t.shape[:-1] + (2 * t.shape[-1],), _GUARD, dtype=t.dtype, device=t.device)
     view = buffer[..., ::2]
     view.copy_(t)
     return view
@@ -116,35 +123,42 @@ def layouts_for(shape, for_mask):
     return layouts
 
 
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
-def test_matches_mask_times_x(dtypes):
-    x_dtype, mask_dtype = dtypes
+def parity_cases(x_dtype, mask_dtype):
+    """The cases of both parity tests: every shape of SHAPES, every x layout
+    against every mask layout. Yields (description, new_x, mask), new_x()
+    giving a fresh x in its layout (the in-place test needs two)."""
     for shape in SHAPES:
         x_values = make_x(shape, x_dtype)
         mask_values = make_mask(shape, mask_dtype)
         for x_name, x_layout in layouts_for(shape, for_mask=False):
             for mask_name, mask_layout in layouts_for(shape, for_mask=True):
-                x, mask = x_layout(x_values), mask_layout(mask_values)
-                out = fake_sparsity(x, mask)
-                assert_bitwise_equal(out, mask * x, f"shape {shape}, x {x_name}, mask {mask_name}")
+                what = f"shape {shape}, x {x_name}, mask {mask_name}"
+                yield what, functools.partial(x_layout, x_values), mask_layout(mask_values)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+def test_matches_mask_times_x(dtypes):
+    for what, new_x, mask in parity_cases(*dtypes):
+        x = new_x()
+        out = fake_sparsity(x, mask)
+        assert_bitwise_equal(out, mask * x, what)
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
 def test_in_place_matches_mul_(dtypes):
-    x_dtype, mask_dtype = dtypes
-    for shape in SHAPES:
-        x_values = make_x(shape, x_dtype)
-        mask_values = make_mask(shape, mask_dtype)
-        for x_name, x_layout in layouts_for(shape, for_mask=False):
-            for mask_name, mask_layout in layouts_for(shape, for_mask=True):
-                mask = mask_layout(mask_values)
-                x, expected = x_layout(x_values), x_layout(x_values)
-                x_ptr, x_strides = x.data_ptr(), x.stride()
-                returned = fake_sparsity_(x, mask)
-                expected.mul_(mask)
-                what = f"shape {shape}, x {x_name}, mask {mask_name}"
-                assert returned.data_ptr() == x_ptr and returned.stride() == x_strides, what
-                assert_bitwise_equal(x, expected, what)
+    for what, new_x, mask in parity_cases(*dtypes):
+        x, expected = new_x(), new_x()
+        x_ptr, x_strides = x.data_ptr(), x.stride()
+        # A view's buffer: nothing outside the view may change.
+        buffer_before = x._base.clone() if x._base is not None else None
+        returned = fake_sparsity_(x, mask)
+        expected.mul_(mask)
+        assert returned.data_ptr() == x_ptr and returned.stride() == x_strides, what
+        assert_bitwise_equal(x, expected, what)
+        if buffer_before is not None:
+            offset = x.storage_offset() - x._base.storage_offset()
+            buffer_before.as_strided(x.shape, x.stride(), offset).copy_(expected)
+            assert_bitwise_equal(x._base, buffer_before, f"{what}: the buffer around x")
 
 
 @pytest.mark.parametrize(
@@ -165,15 +179,24 @@ def test_large_tensor(x_dtype, mask_dtype):
 
 def test_more_than_25_dimensions():
     # 26 dimensions of size 2 that no two neighbours can be merged (x's strides
-    # are reversed): the kernel falls back to contiguous copies.
+    # are reversed, the mask's are not): the kernel loops over one dimension
+    # on the host and runs the strided kernel over the other 25. PyTorch's own
+    # CUDA elementwise kernels refuse such a layout ("tensor has too many
+    # (>25) dims", pytorch/pytorch#70388), x.contiguous() and mask * x
+    # included, so x gets its layout on the CPU (.to keeps a dense layout),
+    # the reference is computed from contiguous copies (elementwise, so the
+    # layout changes no value), and the results are compared on the CPU.
     shape = (2,) * 26
     order = list(range(26))[::-1]
-    x = make_x(shape, torch.float16).permute(order).contiguous().permute(order)
+    x_values = sparsity_testing.make_x(shape, torch.float16)
+    x_reversed = x_values.permute(order).contiguous().permute(order)
+    x = x_reversed.to("cuda")
+    assert x.stride() == x_reversed.stride()
     mask = make_mask(shape, torch.bool)
-    assert_bitwise_equal(fake_sparsity(x, mask), mask * x, "26-d")
-    expected = x.clone().mul_(mask)
+    assert_bitwise_equal(fake_sparsity(x, mask).cpu(), (mask * x_values.cuda()).cpu(), "26-d")
+    expected = x_values.cuda().mul_(mask)
     fake_sparsity_(x, mask)
-    assert_bitwise_equal(x, expected, "26-d in place")
+    assert_bitwise_equal(x.cpu(), expected.cpu(), "26-d in place")
 
 
 def test_runs_on_current_stream():
