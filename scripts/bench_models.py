@@ -31,8 +31,10 @@ taken in rounds, each round one sample of every variant in a new random order
 (as scripts/bench_op.py's interleaved_samples, with a time bound): rounds run
 until --repeat rounds, or until --budget seconds have passed and at least
 --min-rounds rounds are done. A sample is as many forwards as take about
-20 ms (one for all but the smallest configurations), reported per forward.
-Times are medians over rounds; a ratio is the median over rounds of that
+20 ms (one for all but the smallest configurations), reported per forward;
+a sample of one forward (and every training step) comes right after an
+untimed call of the same variant, so that no variant pays for what the one
+before it left (see timed_rounds). Times are medians over rounds; a ratio is the median over rounds of that
 round's ratio (bench_op.paired_ratio), so both sides ran moments apart.
 
 Memory, for each inference variant:
@@ -262,11 +264,19 @@ def measure_memory(variant: str, model, x, runs: int, peak_ok: bool):
 # ------------------------------------------------------------------ timing
 
 
-def timed_rounds(fns: dict, repeat: int, budget: float, min_rounds: int, seed: int = 0):
+def timed_rounds(fns: dict, repeat: int, budget: float, min_rounds: int, seed: int = 0, primed: bool = False):
     """Seconds of one call of each function, in rounds: each round calls every
     function once, in a new random order (as bench_op.interleaved_samples,
     without its warm-up, which the callers do). Stops after ``repeat`` rounds,
-    or once ``budget`` seconds have passed and ``min_rounds`` rounds are done."""
+    or once ``budget`` seconds have passed and ``min_rounds`` rounds are done.
+
+    ``primed``: each timed call comes right after an untimed call of the same
+    function, so that what the other variant left behind (freed memory the
+    allocator hands back to the system, cold caches) is not charged to it,
+    as in a loop that runs one model over and over. Without it, rounds where
+    one variant ran first and rounds where it ran second gave per-round
+    ratios in two groups, and a median of them that moved by 10% between
+    runs."""
     samples = {name: [] for name in fns}
     order = list(fns)
     rng = random.Random(seed)
@@ -276,6 +286,8 @@ def timed_rounds(fns: dict, repeat: int, budget: float, min_rounds: int, seed: i
             break
         rng.shuffle(order)
         for name in order:
+            if primed:
+                fns[name]()
             t0 = time.perf_counter()
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
@@ -328,8 +340,9 @@ def bench_inference(name, variants, batches, args, log):
                 model(x)
 
         with torch.no_grad():
+            # One forward per sample (large configurations): primed, see timed_rounds.
             samples = timed_rounds({v: (lambda m=m: sample(m)) for v, m in variants.items()},
-                                   args.repeat, args.budget, args.min_rounds)
+                                   args.repeat, args.budget, args.min_rounds, primed=calls == 1)
         samples = {v: [t / calls for t in s] for v, s in samples.items()}
         med = {v: statistics.median(s) for v, s in samples.items()}
         rows.append({
@@ -405,7 +418,7 @@ def bench_training(name, eager_pruned, batch, args, log):
         for v in models:
             step(v, x_warm, labels_warm)
     samples = timed_rounds({v: (lambda v=v: step(v, x, labels)) for v in models},
-                           args.repeat, args.budget, args.min_rounds, seed=1)
+                           args.repeat, args.budget, args.min_rounds, seed=1, primed=True)
     med = {v: statistics.median(s) for v, s in samples.items()}
     for v, loss in last_loss.items():
         loss = loss.item()
