@@ -220,8 +220,9 @@ def compact_mask(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     That holds when every entry is 1 or +0 (a -0 would flip the sign of the
     zeros it makes, any other value scales) and when a bool mask leaves the
     result's dtype alone (a float32 mask of a float16 tensor gives float32).
-    A mask whose values cannot be read (on the meta device) stays as it is."""
-    if mask.dtype == torch.bool or mask.device.type == "meta":
+    A mask whose values cannot be read (on the meta device) stays as it is,
+    and so does one that requires grad (a bool mask would get none)."""
+    if mask.dtype == torch.bool or mask.device.type == "meta" or mask.requires_grad:
         return mask
     if torch.promote_types(tensor.dtype, mask.dtype) != tensor.dtype:
         return mask

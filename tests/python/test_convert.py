@@ -417,11 +417,13 @@ def test_compact_mask_keeps_masks_a_bool_would_change(value):
     assert compact_mask(mask, torch.randn(4)) is mask
 
 
-def test_compact_mask_leaves_bool_and_meta_masks():
+def test_compact_mask_leaves_bool_meta_and_trained_masks():
     mask = torch.tensor([True, False])
     assert compact_mask(mask, torch.randn(2)) is mask
     meta = torch.ones(2, device="meta")
     assert compact_mask(meta, torch.randn(2)) is meta
+    trained = torch.tensor([1.0, 0.0], requires_grad=True)
+    assert compact_mask(trained, torch.randn(2)) is trained
 
 
 def test_inplace_conversion_can_compact_on_request():
