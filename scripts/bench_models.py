@@ -99,7 +99,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 # torch 2.14 warns that torch.jit is deprecated on every script and trace.
 warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
@@ -110,7 +109,14 @@ import torch_sparsity  # noqa: E402
 
 torch_sparsity.load_library()
 from bench_op import paired_ratio  # noqa: E402
-from torch_sparsity.convert import convert, converted_name, fake_sparsities, squash  # noqa: E402
+from torch_sparsity.convert import (  # noqa: E402
+    convert,
+    converted_name,
+    fake_sparsities,
+    parametrized_masks,
+    squash,
+    storage_bytes,
+)
 from torch_sparsity.sparsifiers import prune_with_weight_norm  # noqa: E402
 
 MODELS = ("resnet18", "mobilenet_v3_small", "vit_b_16")
@@ -151,22 +157,9 @@ def model_input(batch: int, seed: int):
 # ------------------------------------------------------------------ memory
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once."""
-    storages = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), str(t.device))] = max(storages.get((s.data_ptr(), str(t.device)), 0), s.nbytes())
-    return sum(storages.values())
-
-
-def eager_masks(model):
-    return [p[0].mask for m in model.modules() if parametrize.is_parametrized(m) for p in m.parametrizations.values()]
-
-
 def model_masks(variant: str, model):
     if variant == "eager":
-        return eager_masks(model)
+        return list(parametrized_masks(model).values())
     if variant == "traced":  # the parametrizations' buffers, as the trace keeps them
         return [b for n, b in model.named_buffers() if re.search(r"(^|\.)parametrizations\.[^.]+\.0\.mask$", n)]
     if variant in ("scripted", "squashed"):

@@ -62,7 +62,9 @@ __all__ = [
     "converted_name",
     "fake_sparsities",
     "mask_bytes",
+    "parametrized_masks",
     "squash",
+    "storage_bytes",
 ]
 
 ORIGINAL_SUFFIX = "_original"
@@ -235,19 +237,29 @@ def compact_mask(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
         return mask != 0
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once."""
+    sizes = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        sizes[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+    return sum(sizes.values())
+
+
 def mask_bytes(masks) -> int:
     """Bytes the given mask tensors take, each storage counted once (a dict of
     FakeSparsity objects, as ``fake_sparsities`` returns, or of tensors)."""
-    seen = set()
-    total = 0
-    for mask in masks.values():
-        mask = getattr(mask, "mask", mask)
-        storage = mask.untyped_storage()
-        key = (storage.data_ptr(), mask.device)
-        if key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
+    return storage_bytes(getattr(mask, "mask", mask) for mask in masks.values())
+
+
+def parametrized_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The masks of torch.ao.pruning's FakeSparsity parametrizations of a
+    model, by the fqn of the tensor they prune."""
+    return {
+        f"{fqn}.{name}" if fqn else name: parametrizations[0].mask
+        for fqn, module in model.named_modules() if parametrize.is_parametrized(module)
+        for name, parametrizations in module.parametrizations.items()
+    }
 
 
 def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: bool) -> None:
@@ -525,12 +537,8 @@ def main(argv=None) -> int:
     scripted.save(args.output)
     sparsities = fake_sparsities(scripted)
     print(f"converted {len(sparsities)} pruned tensors; scripted model saved to {args.output}")
-    eager_masks = {
-        f"{fqn}.{name}": parametrizations[0].mask
-        for fqn, module in model.named_modules() if parametrize.is_parametrized(module)
-        for name, parametrizations in module.parametrizations.items()
-    }
-    print(f"masks: {_describe_masks(sparsities)} (as the sparsifier made them: {_describe_masks(eager_masks)})")
+    print(f"masks: {_describe_masks(sparsities)} "
+          f"(as the sparsifier made them: {_describe_masks(parametrized_masks(model))})")
 
     if input_shape:
         example = torch.randn(input_shape)
