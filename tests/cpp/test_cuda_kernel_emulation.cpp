@@ -23,10 +23,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+// Under AddressSanitizer (CMake adds it where the compiler has it): leaks are
+// not what these tests look for, and torch keeps some allocations for the
+// life of the process.
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" const char* __asan_default_options() {
+  return "detect_leaks=0";
+}
+#endif
 
 namespace {
 
@@ -114,16 +124,18 @@ at::Tensor make_mask(int64_t numel, at::ScalarType dtype) {
   return mask.to(dtype);
 }
 
-// A tensor of the given geometry over a buffer of its own, `spare` elements
-// longer than the geometry needs on each side (so offset views start
-// mid-vector and writes outside the tensor can be seen), holding `values`
-// (any shape with the same number of elements) in its elements and a fixed
-// pattern elsewhere.
+// A tensor of the given geometry over a buffer of its own that has
+// spare_before elements before it (so an offset view starts mid-vector and
+// writes there can be seen) and spare_after after it, holding `values` (any
+// shape with the same number of elements) in its elements and a fixed
+// pattern elsewhere. Inputs end where their allocation ends (spare_after 0),
+// so that under AddressSanitizer a read past them stops the test.
 at::Tensor place(
     const at::Tensor& values,
     at::IntArrayRef sizes,
     at::IntArrayRef strides,
-    int64_t spare) {
+    int64_t spare_before,
+    int64_t spare_after) {
   int64_t span = 1;
   for (size_t d = 0; d < sizes.size(); ++d) {
     if (sizes[d] == 0) {
@@ -132,20 +144,25 @@ at::Tensor place(
     }
     span += (sizes[d] - 1) * strides[d];
   }
-  at::Tensor buffer = at::full({span + 2 * spare}, 7.0, at::kDouble).to(values.scalar_type());
-  at::Tensor view = buffer.as_strided(sizes, strides, spare);
+  at::Tensor buffer =
+      at::full({spare_before + span + spare_after}, 7.0, at::kDouble).to(values.scalar_type());
+  at::Tensor view = buffer.as_strided(sizes, strides, spare_before);
   view.copy_(values.reshape(sizes));
   return view;
 }
 
-at::Tensor place_contiguous(const at::Tensor& values, at::IntArrayRef sizes, int64_t spare) {
+at::Tensor place_contiguous(
+    const at::Tensor& values,
+    at::IntArrayRef sizes,
+    int64_t spare_before,
+    int64_t spare_after) {
   std::vector<int64_t> strides(sizes.size());
   int64_t stride = 1;
   for (size_t d = sizes.size(); d-- > 0;) {
     strides[d] = stride;
     stride *= std::max<int64_t>(sizes[d], 1);
   }
-  return place(values, sizes, strides, spare);
+  return place(values, sizes, strides, spare_before, spare_after);
 }
 
 // The whole storage of t, as one flat tensor of t's dtype.
@@ -196,17 +213,41 @@ std::vector<EmulatedLauncher::Launch> check_apply_mask(
   return launcher.launches;
 }
 
-// Results of these sizes cover: a single element, tails shorter than any
-// pack, one pack, and, with two SMs, grids that sweep the tensor several
-// times (past 2 * 2048 threads * 4 packs * 16 bytes) with a ragged last sweep.
-const std::vector<int64_t> kFlatSizes = {1, 3, 16, 17, 255, 1031, 65536 + 13, 3 * 65536 + 29};
+// Lengths that cover: a single element, tails shorter than any pack, one
+// pack, and, for each unroll of the flat kernel, a last chunk one pack short
+// (the checked path at its fullest), a half-full last chunk and, where the
+// grid is capped, a tensor past one sweep of the grid (with 2 SMs) whose last
+// chunk is one pack short again. A chunk of 16-element packs spans
+// threads * unroll * 16 elements, and one of narrower packs divides it, so
+// these hold for every pack width.
+std::vector<int64_t> flat_sizes() {
+  using namespace sparsity::ops;
+  std::vector<int64_t> sizes = {1, 3, 16, 17, 255, 1031};
+  for (const int unroll : {kFlatUnroll, kByteMaskUnroll}) {
+    const int64_t chunk = int64_t{kFlatThreads} * unroll * 16;
+    sizes.push_back(chunk - 1);
+    sizes.push_back(2 * chunk + chunk / 2 + 3);
+    if (kFlatGridWaves > 0) {
+      const int64_t sweep =
+          grid_blocks(std::numeric_limits<int64_t>::max(), kFlatThreads, kFlatGridWaves, 2) * chunk;
+      sizes.push_back(sweep + chunk - 1);
+    }
+  }
+  std::sort(sizes.begin(), sizes.end());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  return sizes;
+}
+
+// The largest lengths run only with all pointers aligned and with x one
+// element off (enough for the sweeps; every offset runs on the others).
+constexpr int64_t kEveryOffsetUpTo = 70000;
 
 TEST(CudaKernelEmulation, DenseMatchesMaskTimesXAtEveryOffset) {
   at::manual_seed(1);
   for (const at::ScalarType x_dtype : kXDtypes) {
     for (const at::ScalarType mask_dtype : kMaskDtypes) {
       const at::ScalarType out_dtype = c10::promoteTypes(x_dtype, mask_dtype);
-      for (const int64_t numel : kFlatSizes) {
+      for (const int64_t numel : flat_sizes()) {
         const at::Tensor x_values = make_x(numel, x_dtype);
         const at::Tensor mask_values = make_mask(numel, mask_dtype);
         // Offsets in elements: all aligned, then each pointer alone off its
@@ -214,15 +255,15 @@ TEST(CudaKernelEmulation, DenseMatchesMaskTimesXAtEveryOffset) {
         // 1-byte mask: the 16-byte pack of float32 but not a wider one).
         for (const auto& [x_off, mask_off, out_off] : std::vector<std::tuple<int, int, int>>{
                  {0, 0, 0}, {1, 0, 0}, {0, 1, 0}, {0, 0, 1}, {3, 3, 3}, {0, 4, 0}}) {
-          if (numel > 70000 && x_off + mask_off + out_off > 1) {
-            continue; // the large sizes check the sweeps, aligned and one-off
+          if (numel > kEveryOffsetUpTo && x_off + mask_off + out_off > 1) {
+            continue;
           }
           const std::string what = dtypes_name(x_dtype, mask_dtype) + ", " +
               std::to_string(numel) + " elements, offsets " + std::to_string(x_off) + "/" +
               std::to_string(mask_off) + "/" + std::to_string(out_off);
-          const at::Tensor x = place_contiguous(x_values, {numel}, 16 + x_off);
-          const at::Tensor mask = place_contiguous(mask_values, {numel}, 16 + mask_off);
-          const at::Tensor out = place_contiguous(at::zeros({numel}, out_dtype), {numel}, 16 + out_off);
+          const at::Tensor x = place_contiguous(x_values, {numel}, 16 + x_off, 0);
+          const at::Tensor mask = place_contiguous(mask_values, {numel}, 16 + mask_off, 0);
+          const at::Tensor out = place_contiguous(at::zeros({numel}, out_dtype), {numel}, 16 + out_off, 16);
           check_apply_mask(out, x, mask, what);
         }
       }
@@ -234,17 +275,17 @@ TEST(CudaKernelEmulation, InPlaceMatchesMulAtEveryOffset) {
   at::manual_seed(2);
   for (const at::ScalarType x_dtype : kXDtypes) {
     for (const at::ScalarType mask_dtype : kMaskDtypes) {
-      for (const int64_t numel : kFlatSizes) {
+      for (const int64_t numel : flat_sizes()) {
         for (const auto& [x_off, mask_off] :
              std::vector<std::pair<int, int>>{{0, 0}, {1, 0}, {0, 1}, {5, 5}}) {
-          if (numel > 70000 && x_off + mask_off > 0) {
+          if (numel > kEveryOffsetUpTo && x_off + mask_off > 1) {
             continue;
           }
           const std::string what = "in place, " + dtypes_name(x_dtype, mask_dtype) + ", " +
               std::to_string(numel) + " elements, offsets " + std::to_string(x_off) + "/" +
               std::to_string(mask_off);
-          const at::Tensor x = place_contiguous(make_x(numel, x_dtype), {numel}, 16 + x_off);
-          const at::Tensor mask = place_contiguous(make_mask(numel, mask_dtype), {numel}, 16 + mask_off);
+          const at::Tensor x = place_contiguous(make_x(numel, x_dtype), {numel}, 16 + x_off, 16);
+          const at::Tensor mask = place_contiguous(make_mask(numel, mask_dtype), {numel}, 16 + mask_off, 0);
           // In place keeps x's dtype: mask * x rounded to it, as x.mul_(mask).
           const at::Tensor expected = (mask * x).to(x_dtype);
           const at::Tensor outside = outside_of(x);
@@ -287,7 +328,7 @@ TEST(CudaKernelEmulation, StridedLayoutsMatchMaskTimesX) {
     for (const at::ScalarType x_dtype : {at::kFloat, at::kHalf}) {
       for (const at::ScalarType mask_dtype : {at::kBool, at::kFloat, at::kDouble}) {
         const std::string what = layout.name + ", " + dtypes_name(x_dtype, mask_dtype);
-        const at::Tensor x = place(make_x(numel, x_dtype), layout.sizes, layout.x_strides, 3);
+        const at::Tensor x = place(make_x(numel, x_dtype), layout.sizes, layout.x_strides, 3, 0);
         // An expanded mask (stride 0) holds values for its distinct elements.
         std::vector<int64_t> distinct_sizes = layout.sizes;
         int64_t distinct = 1;
@@ -298,13 +339,13 @@ TEST(CudaKernelEmulation, StridedLayoutsMatchMaskTimesX) {
           distinct *= distinct_sizes[d];
         }
         const at::Tensor mask =
-            place(make_mask(distinct, mask_dtype), distinct_sizes, layout.mask_strides, 3)
+            place(make_mask(distinct, mask_dtype), distinct_sizes, layout.mask_strides, 3, 0)
                 .expand(layout.sizes);
         const at::Tensor out = place(
-            at::zeros({numel}, c10::promoteTypes(x_dtype, mask_dtype)), layout.sizes, layout.out_strides, 3);
+            at::zeros({numel}, c10::promoteTypes(x_dtype, mask_dtype)), layout.sizes, layout.out_strides, 3, 3);
         check_apply_mask(out, x, mask, what);
         // In place, into a copy of x with x's layout.
-        const at::Tensor x_copy = place(x.clone(), layout.sizes, layout.x_strides, 3);
+        const at::Tensor x_copy = place(x.clone(), layout.sizes, layout.x_strides, 3, 3);
         check_apply_mask(x_copy, x_copy, mask, "in place, " + what);
       }
     }
@@ -341,16 +382,16 @@ TEST(CudaKernelEmulation, AlignmentPicksTheWidestPack) {
     return check_apply_mask(out, x, mask, "alignment").at(0).kernel;
   };
   const auto kernel_id = [](auto kernel) { return reinterpret_cast<const void*>(kernel); };
-  const at::Tensor x = place_contiguous(make_x(numel, at::kFloat), {numel}, 0);
-  const at::Tensor x_off = place_contiguous(make_x(numel, at::kFloat), {numel}, 1);
-  const at::Tensor float_mask = place_contiguous(make_mask(numel, at::kFloat), {numel}, 0);
+  const at::Tensor x = place_contiguous(make_x(numel, at::kFloat), {numel}, 0, 0);
+  const at::Tensor x_off = place_contiguous(make_x(numel, at::kFloat), {numel}, 1, 0);
+  const at::Tensor float_mask = place_contiguous(make_mask(numel, at::kFloat), {numel}, 0, 0);
   EXPECT_EQ(kernel_for(x, float_mask), kernel_id(apply_mask_flat_kernel<4, kFlatUnroll, float, float, float>));
   EXPECT_EQ(kernel_for(x_off, float_mask), kernel_id(apply_mask_flat_kernel<1, kFlatUnroll, float, float, float>));
 
   const at::Tensor bool_values = make_mask(numel, at::kBool);
-  const at::Tensor bool_mask = place_contiguous(bool_values, {numel}, 0);
-  const at::Tensor bool_mask_4 = place_contiguous(bool_values, {numel}, 4);
-  const at::Tensor bool_mask_1 = place_contiguous(bool_values, {numel}, 1);
+  const at::Tensor bool_mask = place_contiguous(bool_values, {numel}, 0, 0);
+  const at::Tensor bool_mask_4 = place_contiguous(bool_values, {numel}, 4, 0);
+  const at::Tensor bool_mask_1 = place_contiguous(bool_values, {numel}, 1, 0);
   constexpr int kWide = byte_mask_width<float, float, bool>();
   if constexpr (kWide > 0) {
     EXPECT_EQ(kernel_for(x, bool_mask), kernel_id(apply_mask_flat_kernel<kWide, kByteMaskUnroll, float, float, bool>));
@@ -415,9 +456,9 @@ TEST(CudaKernelEmulation, MoreDimensionsThanTheKernelTakes) {
       stride *= sizes[d];
       numel *= sizes[d];
     }
-    const at::Tensor x = place(make_x(numel, at::kFloat), sizes, reversed_strides, 2);
-    const at::Tensor mask = place_contiguous(make_mask(numel, at::kHalf), sizes, 2);
-    const at::Tensor out = place_contiguous(at::zeros({numel}, at::kFloat), sizes, 2);
+    const at::Tensor x = place(make_x(numel, at::kFloat), sizes, reversed_strides, 2, 0);
+    const at::Tensor mask = place_contiguous(make_mask(numel, at::kHalf), sizes, 2, 0);
+    const at::Tensor out = place_contiguous(at::zeros({numel}, at::kFloat), sizes, 2, 2);
     const std::string what = std::to_string(sizes.size()) + " dimensions";
     const auto launches = check_apply_mask(out, x, mask, what);
     // One launch per index of the `extra` smallest dimensions.
@@ -428,7 +469,7 @@ TEST(CudaKernelEmulation, MoreDimensionsThanTheKernelTakes) {
       expected_launches *= by_size[k];
     }
     EXPECT_EQ(static_cast<int64_t>(launches.size()), expected_launches) << what;
-    const at::Tensor x_copy = place(x.clone(), sizes, reversed_strides, 2);
+    const at::Tensor x_copy = place(x.clone(), sizes, reversed_strides, 2, 2);
     check_apply_mask(x_copy, x_copy, mask, "in place, " + what);
   }
 }
