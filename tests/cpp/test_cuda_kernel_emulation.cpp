@@ -5,8 +5,10 @@
 // the threads one after another gives the GPU's result; what this checks is
 // the index arithmetic: which elements each thread takes (packs, the tail,
 // grid-stride sweeps, the strided offsets, the host loop past kMaxDims), that
-// every element is written once with mask * x's bits, that nothing outside
-// the output is written, and which kernel the pointers' alignment selects.
+// every element gets mask * x's bits (in place, with masks of 2, 0.5 and the
+// like, an element masked twice would show), that nothing outside the output
+// is written or, under AddressSanitizer, read past the inputs, and which
+// kernel the pointers' alignment selects.
 // CMake builds this file once per set of launch settings (the
 // TORCH_SPARSITY_CUDA_* definitions), including those scripts/gpu-tune.sh
 // times on a GPU. The real kernels on a GPU: tests/python/test_cuda.py.
