@@ -15,8 +15,8 @@
 #   PYTHON         interpreter with torch (python3)
 #   TUNE_VARIANTS  "name SETTING=value ...; name2 ..." replaces the list below;
 #                  SETTING is FLAT_THREADS, FLAT_UNROLL, FLAT_GRID_WAVES,
-#                  BYTE_MASK_VEC or BYTE_MASK_UNROLL; the others keep their
-#                  defaults
+#                  FLAT_MIN_BLOCKS, BYTE_MASK_VEC or BYTE_MASK_UNROLL; the
+#                  others keep their defaults
 #   BUILD_PREFIX   build directories are ${BUILD_PREFIX}<name> (build-tune-)
 #   BUILD_TIMEOUT  seconds for all builds together (150)
 #   BUILD_JOBS     compile jobs per build (the cores shared among the builds)
@@ -41,13 +41,19 @@ RUNS=${RUNS:-100}
 BENCH_ARGS=${BENCH_ARGS:-}
 
 # name, then the settings that differ from the defaults (FLAT_THREADS=256
-# FLAT_UNROLL=4 FLAT_GRID_WAVES=1 BYTE_MASK_VEC=0 BYTE_MASK_UNROLL=0):
+# FLAT_UNROLL=4 FLAT_GRID_WAVES=1 FLAT_MIN_BLOCKS=0 BYTE_MASK_VEC=0
+# BYTE_MASK_UNROLL=0):
 #  default      as shipped
 #  mask16       bool/uint8 masks: 16 mask bytes in one load, x and out in
 #               four 16-byte accesses (float32), one pack per round
 #  unroll2      two packs per round on both paths (8 float32 elements per
 #               thread with a float mask, 32 with a bool/uint8 mask)
 #  mask16-nocap the same as mask16 with an uncapped grid (one block per chunk)
+#  occupancy    the defaults, with registers limited so that 8 blocks of 256
+#               fit an SM (by default the float32 kernel takes 60 registers,
+#               4 blocks fit, and the one-wave grid cap runs as two waves;
+#               with a bool mask 48 registers, 5 blocks, 1.6 waves); the
+#               kernels with bfloat16 operands spill then (ptxas warns)
 #  t128-nocap   PyTorch's own elementwise shape: 128 threads, 8 float32
 #               elements per thread (2 packs of 4), uncapped grid; mask16 for
 #               1-byte masks
@@ -55,9 +61,10 @@ DEFAULT_VARIANTS="default;
 mask16 BYTE_MASK_VEC=16 BYTE_MASK_UNROLL=1;
 unroll2 FLAT_UNROLL=2 BYTE_MASK_VEC=16 BYTE_MASK_UNROLL=2;
 mask16-nocap BYTE_MASK_VEC=16 BYTE_MASK_UNROLL=1 FLAT_GRID_WAVES=0;
+occupancy FLAT_MIN_BLOCKS=8;
 t128-nocap FLAT_THREADS=128 FLAT_UNROLL=2 FLAT_GRID_WAVES=0 BYTE_MASK_VEC=16 BYTE_MASK_UNROLL=1"
-SETTINGS=(FLAT_THREADS FLAT_UNROLL FLAT_GRID_WAVES BYTE_MASK_VEC BYTE_MASK_UNROLL)
-declare -A SETTING_DEFAULT=([FLAT_THREADS]=256 [FLAT_UNROLL]=4 [FLAT_GRID_WAVES]=1 [BYTE_MASK_VEC]=0 [BYTE_MASK_UNROLL]=0)
+SETTINGS=(FLAT_THREADS FLAT_UNROLL FLAT_GRID_WAVES FLAT_MIN_BLOCKS BYTE_MASK_VEC BYTE_MASK_UNROLL)
+declare -A SETTING_DEFAULT=([FLAT_THREADS]=256 [FLAT_UNROLL]=4 [FLAT_GRID_WAVES]=1 [FLAT_MIN_BLOCKS]=0 [BYTE_MASK_VEC]=0 [BYTE_MASK_UNROLL]=0)
 
 results=${OUT:-${BUILD_PREFIX}results}
 case "$BUILD_PREFIX" in

@@ -32,6 +32,14 @@
 //  TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES   grid cap, in waves of
 //                                        SMs * 2048 / threads blocks (1);
 //                                        0: one block per chunk, no cap
+//  TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS   blocks per SM the compiler must fit
+//                                        (the second __launch_bounds__
+//                                        argument; 0: none). 2048 / threads
+//                                        makes a wave of the cap one resident
+//                                        wave: without it the float32 kernel
+//                                        takes 60 registers, so only 4 blocks
+//                                        of 256 fit an SM and the cap's
+//                                        "one wave" runs as two
 //  TORCH_SPARSITY_CUDA_BYTE_MASK_VEC     elements per pack with a bool or
 //                                        uint8 mask (0: the rule above); 8 or
 //                                        16 load that many mask bytes at once,
@@ -63,7 +71,7 @@
 // before each call of a kernel.
 #define __global__
 #define __device__
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define TORCH_SPARSITY_UNROLL
 namespace sparsity {
 namespace ops {
@@ -86,6 +94,9 @@ inline EmulatedDim3 blockIdx, threadIdx, blockDim, gridDim;
 #ifndef TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES
 #define TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES 1
 #endif
+#ifndef TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS
+#define TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS 0
+#endif
 #ifndef TORCH_SPARSITY_CUDA_BYTE_MASK_VEC
 #define TORCH_SPARSITY_CUDA_BYTE_MASK_VEC 0
 #endif
@@ -103,6 +114,7 @@ namespace {
 constexpr int kFlatThreads = TORCH_SPARSITY_CUDA_FLAT_THREADS;
 constexpr int kFlatUnroll = TORCH_SPARSITY_CUDA_FLAT_UNROLL;
 constexpr int kFlatGridWaves = TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES;
+constexpr int kFlatMinBlocks = TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS;
 constexpr int kByteMaskVec = TORCH_SPARSITY_CUDA_BYTE_MASK_VEC;
 constexpr int kByteMaskUnroll = TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL > 0
     ? TORCH_SPARSITY_CUDA_BYTE_MASK_UNROLL
@@ -128,11 +140,22 @@ static_assert(
 static_assert(kMaxDims >= 1, "TORCH_SPARSITY_CUDA_STRIDED_MAX_DIMS: 1 or more");
 static_assert(kFlatGridWaves >= 0, "TORCH_SPARSITY_CUDA_FLAT_GRID_WAVES: 0 (no cap) or more");
 static_assert(
+    kFlatMinBlocks >= 0 && kFlatMinBlocks * kFlatThreads <= kThreadsPerSM,
+    "TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS: 0 (none) to 2048 / FLAT_THREADS");
+static_assert(
     kByteMaskVec == 0 || kByteMaskVec == 8 || kByteMaskVec == 16,
     "TORCH_SPARSITY_CUDA_BYTE_MASK_VEC: 0, 8 or 16");
 // The flat kernel's last numel % kVec (< kVec <= 16) elements go to one
 // thread each of the first block.
 static_assert(kFlatThreads >= 16, "first block must cover the tail");
+
+// No second argument unless asked for: the compiler then picks registers for
+// the loads in flight, not for occupancy.
+#if TORCH_SPARSITY_CUDA_FLAT_MIN_BLOCKS > 0
+#define TORCH_SPARSITY_FLAT_LAUNCH_BOUNDS __launch_bounds__(kFlatThreads, kFlatMinBlocks)
+#else
+#define TORCH_SPARSITY_FLAT_LAUNCH_BOUNDS __launch_bounds__(kFlatThreads)
+#endif
 
 template <typename compute_t, typename out_t, typename x_t, typename mask_t>
 C10_HOST_DEVICE inline out_t masked_value(mask_t m, x_t v) {
@@ -215,7 +238,7 @@ TORCH_SPARSITY_UNROLL
 // pointers must be aligned to their Pack; kVec == 1 needs no more than the
 // element alignment every tensor has.
 template <int kVec, int kUnroll, typename out_t, typename x_t, typename mask_t>
-__global__ void __launch_bounds__(kFlatThreads) apply_mask_flat_kernel(
+__global__ void TORCH_SPARSITY_FLAT_LAUNCH_BOUNDS apply_mask_flat_kernel(
     out_t* out,
     const x_t* x,
     const mask_t* mask,
