@@ -25,10 +25,17 @@
 #   RUNS           timed runs per case (100)
 #   BENCH_ARGS     more bench_gpu.py arguments; "--device cpu --sizes 20"
 #                  tries this script without a GPU
-# Results: gpu-tune.log (everything), gpu-tune-table.txt (the table) and
-# gpu-tune.json (settings, statuses, check and rows of every variant) in $OUT
-# when it is set, else in ${BUILD_PREFIX}results/. Exit status 0 when every
-# variant built, checked bit-exact and ran its benchmark.
+#   TUNE_STEPS     all (build, then check and benchmark), build, or bench
+#                  (the variants built by an earlier "build" run, whose
+#                  statuses it reads from the results folder); split, the
+#                  builds can run while the GPU does other work
+#                  (scripts/gpu-session.sh)
+# Results: gpu-tune.log (everything; gpu-tune-build.log for TUNE_STEPS=build),
+# tune-build-<name>.log and .status (each build), gpu-tune-table.txt (the
+# table) and gpu-tune.json (settings, statuses, check and rows of every
+# variant) in $OUT when it is set, else in ${BUILD_PREFIX}results/. Exit
+# status 0 when every variant built, checked bit-exact and ran its benchmark
+# (for TUNE_STEPS=build: when every variant built).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +46,11 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-25}
 TOTAL_LIMIT=${TOTAL_LIMIT:-270}
 RUNS=${RUNS:-100}
 BENCH_ARGS=${BENCH_ARGS:-}
+TUNE_STEPS=${TUNE_STEPS:-all}
+case "$TUNE_STEPS" in
+  all | build | bench) ;;
+  *) echo "gpu-tune: TUNE_STEPS is all, build or bench, not '$TUNE_STEPS'" >&2; exit 2 ;;
+esac
 
 # name, then the settings that differ from the defaults (FLAT_THREADS=256
 # FLAT_UNROLL=4 FLAT_GRID_WAVES=1 FLAT_MIN_BLOCKS=0 BYTE_MASK_VEC=0
@@ -117,7 +129,7 @@ parse_variants() {
 }
 
 main() {
-  echo "== gpu-tune: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), results in $results"
+  echo "== gpu-tune ($TUNE_STEPS): $(date -u '+%Y-%m-%d %H:%M:%S UTC'), results in $results"
   parse_variants || return 2
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
@@ -130,39 +142,63 @@ main() {
     printf '   variant %-14s %s\n' "$name" "${settings_of[$name]}"
   done
 
-  # ---- builds, in parallel
-  local cores jobs start=$SECONDS
+  case "$TUNE_STEPS" in
+    build) build_variants ;;
+    bench) bench_variants ;;
+    *) build_variants; bench_variants ;;
+  esac
+}
+
+# Builds every variant in parallel; each one's log and exit status go to the
+# results folder (tune-build-<name>.log, .status).
+build_variants() {
+  local name cores jobs start=$SECONDS
   cores=$(nproc 2>/dev/null || echo 4)
   jobs=${BUILD_JOBS:-$(((cores + ${#names[@]} - 1) / ${#names[@]}))}
   echo "== building ${#names[@]} variants in parallel, $jobs jobs each (limit ${BUILD_TIMEOUT}s)"
   for name in "${names[@]}"; do
+    rm -f "$results/tune-build-$name.status"
     (
       # shellcheck disable=SC2086 # cmake_args holds separate -D words
       CMAKE_BUILD_PARALLEL_LEVEL=$jobs PYTHON=$PYTHON BUILD_DIR=$BUILD_PREFIX$name BUILD_TARGETS=torch_sparsity \
         timeout -k 10 "$BUILD_TIMEOUT" scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF ${cmake_args[$name]} \
-        >"$work/build-$name.log" 2>&1
-      echo $? >"$work/build-$name.status"
+        >"$results/tune-build-$name.log" 2>&1
+      echo $? >"$results/tune-build-$name.status"
     ) &
   done
   wait
-  declare -A build_status=() bench_status=()
+  local failed=0
   for name in "${names[@]}"; do
-    build_status[$name]=$(cat "$work/build-$name.status" 2>/dev/null || echo 1)
-    if [ "${build_status[$name]}" -eq 0 ] && [ ! -f "$prefix_path$name/libtorch_sparsity.so" ]; then
-      build_status[$name]=1
-    fi
-    if [ "${build_status[$name]}" -ne 0 ]; then
-      echo "-- build of $name failed (status ${build_status[$name]}); its log ends:"
-      tail -25 "$work/build-$name.log"
-    elif grep -q "warning" "$work/build-$name.log"; then
+    if [ "$(build_status_of "$name")" -ne 0 ]; then
+      failed=1
+      echo "-- build of $name failed (status $(build_status_of "$name")); its log ends:"
+      tail -25 "$results/tune-build-$name.log"
+    elif grep -q "warning" "$results/tune-build-$name.log"; then
       echo "-- build of $name has warnings:"
-      grep -A3 "warning" "$work/build-$name.log" | head -20
+      grep -A3 "warning" "$results/tune-build-$name.log" | head -20
     fi
   done
   echo "== builds done after $((SECONDS - start))s"
+  return "$failed"
+}
 
-  # ---- check and benchmark, one process per variant
-  local left status
+# A variant's build status: its build's exit status, 1 when the library is
+# missing or the build never ran.
+build_status_of() {
+  local status
+  status=$(cat "$results/tune-build-$1.status" 2>/dev/null || echo 1)
+  if [ "$status" -eq 0 ] && [ ! -f "$prefix_path$1/libtorch_sparsity.so" ]; then status=1; fi
+  echo "$status"
+}
+
+# Checks and benchmarks every variant that built (one process each, one
+# after the other, none started after TOTAL_LIMIT), then prints the table.
+bench_variants() {
+  local name left status
+  declare -A build_status=() bench_status=()
+  for name in "${names[@]}"; do
+    build_status[$name]=$(build_status_of "$name")
+  done
   for name in "${names[@]}"; do
     bench_status[$name]=skipped
     [ "${build_status[$name]}" -eq 0 ] || continue
@@ -259,5 +295,7 @@ PY
   done
 }
 
-main 2>&1 | tee "$results/gpu-tune.log"
+log=gpu-tune.log
+[ "$TUNE_STEPS" != build ] || log=gpu-tune-build.log
+main 2>&1 | tee "$results/$log"
 exit "${PIPESTATUS[0]}"
