@@ -6,23 +6,35 @@ layouts that pick different kernel paths: contiguous with 16-byte vector
 loads, contiguous but misaligned (one element per load), shared dense
 non-contiguous layouts, the strided kernel, more than 25 dimensions, and more
 than 2^31 elements. The whole module skips, with the reason, without a GPU.
+
+With TORCH_SPARSITY_CUDA_TESTS_DEVICE=cpu the same tests run on the CPU
+(the few that only mean something on a GPU skip): that checks this file's
+own logic (layouts, references, guards) where no GPU is, and
+test_cuda_tests_on_cpu.py does it in every test run.
 """
 
 import functools
 import io
+import os
 
 import pytest
 import sparsity_testing
 import torch
 from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal
 
+DEVICE = os.environ.get("TORCH_SPARSITY_CUDA_TESTS_DEVICE", "cuda")
+ON_CUDA = DEVICE == "cuda"
+
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(),
+    ON_CUDA and not torch.cuda.is_available(),
     reason=(
         "no CUDA device: torch.cuda.is_available() is False "
         f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
     ),
 )
+
+# Streams, devices, GPU memory: nothing to check on the CPU.
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only (TORCH_SPARSITY_CUDA_TESTS_DEVICE=cpu)")
 
 fake_sparsity = torch.ops.sparsity.fake_sparsity
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
@@ -53,15 +65,15 @@ SHAPES = [
 def _library_has_cuda_kernels():
     # A library built without CUDA would make every test below fail with a
     # dispatcher error; say what is wrong instead.
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
+    if ON_CUDA and not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
         pytest.fail("the loaded torch-sparsity library has no CUDA kernels (built with TORCH_SPARSITY_WITH_CUDA=OFF?)")
 
 
-def make_x(shape, dtype, device="cuda"):
+def make_x(shape, dtype, device=DEVICE):
     return sparsity_testing.make_x(shape, dtype, device=device)
 
 
-def make_mask(shape, dtype, device="cuda"):
+def make_mask(shape, dtype, device=DEVICE):
     return sparsity_testing.make_mask(shape, dtype, device=device, special=True)
 
 
@@ -190,15 +202,16 @@ def test_more_than_25_dimensions():
     order = list(range(26))[::-1]
     x_values = sparsity_testing.make_x(shape, torch.float16)
     x_reversed = x_values.permute(order).contiguous().permute(order)
-    x = x_reversed.to("cuda")
+    x = x_reversed.to(DEVICE)
     assert x.stride() == x_reversed.stride()
     mask = make_mask(shape, torch.bool)
-    assert_bitwise_equal(fake_sparsity(x, mask).cpu(), (mask * x_values.cuda()).cpu(), "26-d")
-    expected = x_values.cuda().mul_(mask)
+    assert_bitwise_equal(fake_sparsity(x, mask).cpu(), (mask * x_values.to(DEVICE)).cpu(), "26-d")
+    expected = x_values.to(DEVICE).mul_(mask)
     fake_sparsity_(x, mask)
     assert_bitwise_equal(x.cpu(), expected.cpu(), "26-d in place")
 
 
+@cuda_only
 def test_runs_on_current_stream():
     # The side stream is kept busy before x is written; a kernel launched on
     # any other stream would read x before that write.
@@ -220,21 +233,22 @@ def test_runs_on_current_stream():
 
 def test_zero_size_inputs_launch_nothing_and_keep_shape():
     for shape in [(0,), (4, 0), (0, 3, 5)]:
-        x = torch.empty(shape, device="cuda", dtype=torch.float16)
-        out = fake_sparsity(x, torch.empty(shape, device="cuda", dtype=torch.float32))
-        assert out.shape == shape and out.dtype == torch.float32 and out.is_cuda
-        assert fake_sparsity_(x, torch.empty(shape, device="cuda", dtype=torch.bool)).shape == shape
+        x = torch.empty(shape, device=DEVICE, dtype=torch.float16)
+        out = fake_sparsity(x, torch.empty(shape, device=DEVICE, dtype=torch.float32))
+        assert out.shape == shape and out.dtype == torch.float32 and out.device.type == DEVICE
+        assert fake_sparsity_(x, torch.empty(shape, device=DEVICE, dtype=torch.bool)).shape == shape
 
 
 def test_in_place_rejects_overlapping_x():
-    x = torch.randn(5, device="cuda").expand(3, 5)
+    x = torch.randn(5, device=DEVICE).expand(3, 5)
     with pytest.raises(RuntimeError, match="in place"):
-        fake_sparsity_(x, torch.ones(3, 5, device="cuda", dtype=torch.bool))
-    base = torch.randn(10, device="cuda")
+        fake_sparsity_(x, torch.ones(3, 5, device=DEVICE, dtype=torch.bool))
+    base = torch.randn(10, device=DEVICE)
     with pytest.raises(RuntimeError):
         fake_sparsity_(base[:6], base[2:8])
 
 
+@cuda_only
 def test_device_mismatch_names_both_devices():
     x = torch.randn(3, 4, device="cuda")
     mask = torch.ones(3, 4, dtype=torch.bool)
@@ -247,9 +261,10 @@ def test_device_mismatch_names_both_devices():
 
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(RuntimeError, match=r"\[3, 4\].*\[4, 3\]|\[4, 3\].*\[3, 4\]"):
-        fake_sparsity(torch.randn(3, 4, device="cuda"), torch.ones(4, 3, device="cuda"))
+        fake_sparsity(torch.randn(3, 4, device=DEVICE), torch.ones(4, 3, device=DEVICE))
 
 
+@cuda_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_devices():
     x0 = torch.randn(3, 4, device="cuda:0")
@@ -271,20 +286,20 @@ def test_two_devices():
 
 
 def test_gradcheck_and_gradgradcheck():
-    x = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
-    mask = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = torch.randn(4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     torch.autograd.gradcheck(fake_sparsity, (x, mask))
     torch.autograd.gradgradcheck(fake_sparsity, (x, mask))
     # Non-contiguous x, bool mask (no gradient for it).
-    xt = torch.randn(5, 4, dtype=torch.float64, device="cuda").t().requires_grad_()
-    bool_mask = torch.rand(4, 5, device="cuda") > 0.5
+    xt = torch.randn(5, 4, dtype=torch.float64, device=DEVICE).t().requires_grad_()
+    bool_mask = torch.rand(4, 5, device=DEVICE) > 0.5
     torch.autograd.gradcheck(lambda a: fake_sparsity(a, bool_mask), (xt,))
     torch.autograd.gradgradcheck(lambda a: fake_sparsity(a, bool_mask), (xt,))
 
 
 def test_in_place_gradcheck_and_gradgradcheck():
-    x = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
-    mask = torch.randn(4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = torch.randn(4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
 
     def in_place(a, m):
         return fake_sparsity_(a.clone(), m)
@@ -293,21 +308,21 @@ def test_in_place_gradcheck_and_gradgradcheck():
     torch.autograd.gradgradcheck(in_place, (x, mask))
 
 
-def test_backward_values_on_cuda():
+def test_backward_values_on_the_device():
     x = make_x((6, 7), torch.float32).nan_to_num().requires_grad_()
-    mask = (torch.rand(6, 7, device="cuda") > 0.5).float().requires_grad_()
-    grad = torch.randn(6, 7, device="cuda")
+    mask = (torch.rand(6, 7, device=DEVICE) > 0.5).float().requires_grad_()
+    grad = torch.randn(6, 7, device=DEVICE)
     fake_sparsity(x, mask).backward(grad)
-    assert x.grad.is_cuda and mask.grad.is_cuda
+    assert x.grad.device.type == DEVICE and mask.grad.device.type == DEVICE
     assert_bitwise_equal(x.grad, grad * mask.detach(), "dx")
     assert_bitwise_equal(mask.grad, grad * x.detach(), "dmask")
 
 
 def test_opcheck():
     samples = [
-        (torch.randn(3, 4, device="cuda"), torch.rand(3, 4, device="cuda") > 0.5),
-        (torch.randn(3, 4, device="cuda", requires_grad=True), torch.rand(3, 4, device="cuda", requires_grad=True)),
-        (torch.randn(4, 3, device="cuda", dtype=torch.float16).t(), torch.rand(3, 4, device="cuda")),
+        (torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE) > 0.5),
+        (torch.randn(3, 4, device=DEVICE, requires_grad=True), torch.rand(3, 4, device=DEVICE, requires_grad=True)),
+        (torch.randn(4, 3, device=DEVICE, dtype=torch.float16).t(), torch.rand(3, 4, device=DEVICE)),
     ]
     for x, mask in samples:
         torch.library.opcheck(fake_sparsity.default, (x, mask))
@@ -336,10 +351,10 @@ def test_scripted_module_moved_with_cuda():
     mask = torch.rand(3, 8) > 0.5
     module = torch.jit.script(_MaskedAdd(mask))
     x = make_x((3, 8), torch.float32).nan_to_num()
-    moved = module.cuda()
+    moved = module.to(DEVICE)
     out = moved(x)
-    assert out.is_cuda
-    assert_bitwise_equal(out, mask.cuda() * x + module.bias, "after .cuda()")
+    assert out.device.type == DEVICE
+    assert_bitwise_equal(out, mask.to(DEVICE) * x + module.bias, f"after .to({DEVICE!r})")
 
 
 def test_scripted_module_loaded_with_map_location_cuda():
@@ -347,13 +362,14 @@ def test_scripted_module_loaded_with_map_location_cuda():
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(_MaskedAdd(mask)), buffer)
     buffer.seek(0)
-    loaded = torch.jit.load(buffer, map_location="cuda")
+    loaded = torch.jit.load(buffer, map_location=DEVICE)
     x = make_x((3, 8), torch.float32).nan_to_num()
     out = loaded(x)
-    assert out.is_cuda and loaded.bias.is_cuda
-    assert_bitwise_equal(out, mask.cuda() * x + loaded.bias, "after jit.load(map_location='cuda')")
+    assert out.device.type == DEVICE and loaded.bias.device.type == DEVICE
+    assert_bitwise_equal(out, mask.to(DEVICE) * x + loaded.bias, f"after jit.load(map_location={DEVICE!r})")
 
 
+@cuda_only
 def test_more_than_2_pow_31_elements():
     # Offsets past 2^31 in the flat kernel (and in place), the vector tail at
     # the very end, and the strided kernel. About 19 GB at peak.
