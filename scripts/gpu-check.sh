@@ -63,7 +63,8 @@ main() {
   PYTHON=$PYTHON BUILD_DIR=$BUILD_DIR timeout -k 10 "$BUILD_TIMEOUT" \
     scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF
   local build_status=$?
-  local library=$PWD/$BUILD_DIR/libtorch_sparsity.so
+  local library=$BUILD_DIR/libtorch_sparsity.so
+  [[ $library = /* ]] || library=$PWD/$library
   local kernels
   kernels=$(sed -n 's/.*torch-sparsity: CUDA kernels //p' "$BUILD_DIR/configure.log" 2>/dev/null)
   if [ "$build_status" -eq 0 ] && [ ! -f "$library" ]; then build_status=1; fi

@@ -36,10 +36,11 @@
 //                                        (the second __launch_bounds__
 //                                        argument; 0: none). 2048 / threads
 //                                        makes a wave of the cap one resident
-//                                        wave: without it the float32 kernel
-//                                        takes 60 registers, so only 4 blocks
-//                                        of 256 fit an SM and the cap's
-//                                        "one wave" runs as two
+//                                        wave: without it the kernel for
+//                                        float32 x and mask takes 60
+//                                        registers (ptxas -v), so 4 blocks of
+//                                        256 fit an SM and the cap's "one
+//                                        wave" runs as two
 //  TORCH_SPARSITY_CUDA_BYTE_MASK_VEC     elements per pack with a bool or
 //                                        uint8 mask (0: the rule above); 8 or
 //                                        16 load that many mask bytes at once,
