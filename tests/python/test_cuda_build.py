@@ -1,7 +1,10 @@
 """The CUDA variant of the build, checked without a GPU: where nvcc and a
 CUDA build of torch are present (as on CI), the plugin must register CUDA
-kernels, link c10_cuda and carry sm_90 code plus PTX."""
+kernels, link c10_cuda and carry sm_90 code plus PTX, and that code (read
+with cuobjdump) must move x and out 16 bytes per access and use no local
+memory."""
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,3 +53,62 @@ def test_plugin_carries_sm90_code_and_ptx():
     ).stdout
     assert "sm_90.cubin" in listing, listing
     assert ".sm_90.ptx" in listing, listing
+
+
+def _sass_by_function():
+    """{mangled kernel name: its SASS} of the plugin, read with cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found to disassemble the embedded GPU code")
+    sass = subprocess.run([tool, "-sass", torch_sparsity.library_path()], capture_output=True, text=True, check=True).stdout
+    functions = {}
+    for part in re.split(r"^\s*Function : ", sass, flags=re.MULTILINE)[1:]:
+        name, _, body = part.partition("\n")
+        functions[name.strip()] = body
+    return functions
+
+
+# The dense ("flat") kernels the benchmarks time, by the mangled template
+# arguments <elements per pack, unroll, out, x, mask>: the unroll is a build
+# setting, so any.
+FLAT_KERNELS = {
+    "float32 x, float32 mask": r"apply_mask_flat_kernelILi4ELi\d+EfffE",
+    "float32 x, bool mask": r"apply_mask_flat_kernelILi4ELi\d+EffbE",
+    "float32 x, uint8 mask": r"apply_mask_flat_kernelILi4ELi\d+EffhE",
+    "float16 x and mask": r"apply_mask_flat_kernelILi8ELi\d+EN3c104HalfES4_S4_E",
+    "bfloat16 x and mask": r"apply_mask_flat_kernelILi8ELi\d+EN3c108BFloat16ES4_S4_E",
+    "float64 x and mask": r"apply_mask_flat_kernelILi2ELi\d+EdddE",
+}
+
+
+@needs_cuda_build
+def test_flat_kernels_load_and_store_16_bytes_at_a_time():
+    # What the memory-bound kernels stand on, read from the machine code
+    # without a GPU: x and out move in 128-bit accesses (one pack per
+    # access), and a 1-byte mask's four bytes per float32 pack in one
+    # 32-bit load, not four byte loads.
+    functions = _sass_by_function()
+    for what, pattern in FLAT_KERNELS.items():
+        matches = [name for name in functions if re.search(pattern, name)]
+        assert len(matches) == 1, f"{what}: {matches}"
+        body = functions[matches[0]]
+        assert re.search(r"\bLDG\.E(\.\w+)*\.128\b", body), f"{what}: no 128-bit load"
+        assert re.search(r"\bSTG\.E(\.\w+)*\.128\b", body), f"{what}: no 128-bit store"
+    for what in ["float32 x, bool mask", "float32 x, uint8 mask"]:
+        name = next(n for n in functions if re.search(FLAT_KERNELS[what], n))
+        # One byte load is the scalar tail's; a pack read byte by byte
+        # would add four per pack.
+        byte_loads = re.findall(r"\bLDG\.E(?:\.\w+)*\.[SU]8\b", functions[name])
+        assert len(byte_loads) <= 1, f"{what}: {len(byte_loads)} byte loads"
+        assert re.search(r"\bLDG\.E R\d+, ", functions[name]), f"{what}: no 32-bit mask load"
+
+
+@needs_cuda_build
+def test_no_kernel_uses_local_memory():
+    # Spilled registers or arrays in local memory would add memory traffic
+    # to kernels whose speed is their memory traffic (ptxas also warns
+    # in the build log).
+    functions = _sass_by_function()
+    assert functions
+    offenders = [name for name, body in functions.items() if re.search(r"\b(LDL|STL)\b", body)]
+    assert not offenders, offenders
