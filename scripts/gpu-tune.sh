@@ -167,11 +167,12 @@ build_variants() {
     ) &
   done
   wait
-  local failed=0
+  local failed=0 status
   for name in "${names[@]}"; do
-    if [ "$(build_status_of "$name")" -ne 0 ]; then
+    status=$(build_status_of "$name")
+    if [ "$status" -ne 0 ]; then
       failed=1
-      echo "-- build of $name failed (status $(build_status_of "$name")); its log ends:"
+      echo "-- build of $name failed (status $status); its log ends:"
       tail -25 "$results/tune-build-$name.log"
     elif grep -q "warning" "$results/tune-build-$name.log"; then
       echo "-- build of $name has warnings:"

@@ -55,8 +55,10 @@ def test_plugin_carries_sm90_code_and_ptx():
     assert ".sm_90.ptx" in listing, listing
 
 
-def _sass_by_function():
-    """{mangled kernel name: its SASS} of the plugin, read with cuobjdump."""
+@pytest.fixture(scope="module")
+def sass_by_function():
+    """{mangled kernel name: its SASS} of the plugin, read with cuobjdump
+    once for the tests below."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump found to disassemble the embedded GPU code")
@@ -82,33 +84,31 @@ FLAT_KERNELS = {
 
 
 @needs_cuda_build
-def test_flat_kernels_load_and_store_16_bytes_at_a_time():
+def test_flat_kernels_load_and_store_16_bytes_at_a_time(sass_by_function):
     # What the memory-bound kernels stand on, read from the machine code
     # without a GPU: x and out move in 128-bit accesses (one pack per
     # access), and a 1-byte mask's four bytes per float32 pack in one
     # 32-bit load, not four byte loads.
-    functions = _sass_by_function()
+    bodies = {}
     for what, pattern in FLAT_KERNELS.items():
-        matches = [name for name in functions if re.search(pattern, name)]
+        matches = [name for name in sass_by_function if re.search(pattern, name)]
         assert len(matches) == 1, f"{what}: {matches}"
-        body = functions[matches[0]]
+        body = bodies[what] = sass_by_function[matches[0]]
         assert re.search(r"\bLDG\.E(\.\w+)*\.128\b", body), f"{what}: no 128-bit load"
         assert re.search(r"\bSTG\.E(\.\w+)*\.128\b", body), f"{what}: no 128-bit store"
     for what in ["float32 x, bool mask", "float32 x, uint8 mask"]:
-        name = next(n for n in functions if re.search(FLAT_KERNELS[what], n))
         # One byte load is the scalar tail's; a pack read byte by byte
         # would add four per pack.
-        byte_loads = re.findall(r"\bLDG\.E(?:\.\w+)*\.[SU]8\b", functions[name])
+        byte_loads = re.findall(r"\bLDG\.E(?:\.\w+)*\.[SU]8\b", bodies[what])
         assert len(byte_loads) <= 1, f"{what}: {len(byte_loads)} byte loads"
-        assert re.search(r"\bLDG\.E R\d+, ", functions[name]), f"{what}: no 32-bit mask load"
+        assert re.search(r"\bLDG\.E R\d+, ", bodies[what]), f"{what}: no 32-bit mask load"
 
 
 @needs_cuda_build
-def test_no_kernel_uses_local_memory():
+def test_no_kernel_uses_local_memory(sass_by_function):
     # Spilled registers or arrays in local memory would add memory traffic
     # to kernels whose speed is their memory traffic (ptxas also warns
     # in the build log).
-    functions = _sass_by_function()
-    assert functions
-    offenders = [name for name, body in functions.items() if re.search(r"\b(LDL|STL)\b", body)]
+    assert sass_by_function
+    offenders = [name for name, body in sass_by_function.items() if re.search(r"\b(LDL|STL)\b", body)]
     assert not offenders, offenders
