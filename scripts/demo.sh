@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
 # The end-to-end demo, the README's main-job command. On a fresh machine it
-# sets up (scripts/setup.sh), builds the plugin and sparsity_run, prunes
-# torchvision's resnet18 (random weights) to 50% with WeightNormSparsifier,
-# converts it for TorchScript with the plugin's FakeSparsity, scripts and
-# saves it (scripts/convert_model.py), then runs the C++ program on it
-# (build/sparsity_run): per-layer sparsity, the largest difference between
-# the C++ output and the eager Python output, and inference times of the eager
-# parametrized model, the scripted plugin model and the squashed model.
+# sets up (scripts/setup.sh), builds and installs the package torch_sparsity
+# into .venv (scripts/build.sh), prunes torchvision's resnet18 (random
+# weights) to 50% with WeightNormSparsifier, converts it for TorchScript with
+# the plugin's FakeSparsity, scripts and saves it (python -m
+# torch_sparsity.convert), then
+# runs the C++ program installed with the package on it (sparsity_run):
+# per-layer sparsity, the largest difference between the C++ output and the
+# eager Python output, and inference times of the eager parametrized model,
+# the scripted plugin model and the squashed model.
 #
-# Environment: BUILD_DIR (default build), DEMO_DIR (default $BUILD_DIR/demo),
-# DEMO_THREADS (default 1: one thread compares the models rather than the
-# machine's other load), DEMO_RUNS (default 20).
+# Environment: DEMO_DIR (default build/demo), DEMO_THREADS (default 1: one
+# thread compares the models rather than the machine's other load),
+# DEMO_RUNS (default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-build_dir=${BUILD_DIR:-build}
-demo_dir=${DEMO_DIR:-$build_dir/demo}
+demo_dir=${DEMO_DIR:-build/demo}
 runs=${DEMO_RUNS:-20}
 export OMP_NUM_THREADS=${DEMO_THREADS:-1}
 
 echo "== setup"
 scripts/setup.sh
-echo "== build (the plugin and sparsity_run; scripts/test.sh builds the rest)"
-BUILD_DIR=$build_dir BUILD_TARGETS="torch_sparsity sparsity_run" scripts/build.sh
-export TORCH_SPARSITY_LIBRARY=$PWD/$build_dir/libtorch_sparsity.so
+echo "== build and install the package into .venv (incremental)"
+scripts/build.sh
+sparsity_run=$("$PYTHON" -c 'import torch_sparsity; print(torch_sparsity.sparsity_run_path())')
 mkdir -p "$demo_dir"
 
 echo "== Python: prune resnet18 (random weights) to 50% with WeightNormSparsifier, convert, script, save"
-"$PYTHON" -W ignore::FutureWarning scripts/convert_model.py --model torchvision.models:resnet18 --sparsity 0.5 \
+"$PYTHON" -W ignore::FutureWarning -m torch_sparsity.convert --model torchvision.models:resnet18 --sparsity 0.5 \
   --output "$demo_dir/resnet18_pruned.pt" --input-shape 1,3,224,224 \
   --save-input "$demo_dir/input.pt" --save-output "$demo_dir/eager_output.pt" --benchmark "$runs" \
   | tee "$demo_dir/python.log"
 
-echo "== C++: $build_dir/sparsity_run on the saved model"
-"$build_dir/sparsity_run" "$demo_dir/resnet18_pruned.pt" --input "$demo_dir/input.pt" \
+echo "== C++: $sparsity_run on the saved model"
+"$sparsity_run" "$demo_dir/resnet18_pruned.pt" --input "$demo_dir/input.pt" \
   --expect "$demo_dir/eager_output.pt" --atol 1e-5 --runs "$runs" \
   --squash --save "$demo_dir/resnet18_squashed.pt" | tee "$demo_dir/cpp.log"
 

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything torch-sparsity needs on a fresh Debian machine:
-# CMake, Ninja and GoogleTest from Debian's packages, and .venv/ with the
-# pinned torch, torchvision and test tools. A second run installs nothing.
+# CMake, Ninja and GoogleTest from Debian's packages, .venv/ with the pinned
+# torch, torchvision, scikit-build-core and test tools, and this checkout
+# into .venv as the editable package torch_sparsity (scripts/build.sh).
+# A second run installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-PY_PACKAGES=(pytest expecttest numpy matplotlib)
+# pip requirement, then the module that shows it is there.
+PY_PACKAGES=(pytest:pytest expecttest:expecttest numpy:numpy matplotlib:matplotlib
+  scikit-build-core==1.1.2:scikit_build_core)
 
 run_as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -38,12 +42,31 @@ import torch, torchvision
 assert torch.__version__.split("+")[0] == torch_version, torch.__version__
 assert torchvision.__version__.split("+")[0] == vision_version, torchvision.__version__
 import torch.ao.pruning  # the reference implementation the tests compare with
-for name in others:
-    importlib.import_module(name)
+from importlib.metadata import version
+for entry in others:
+    requirement, module = entry.rsplit(":", 1)
+    importlib.import_module(module)
+    if "==" in requirement:
+        name, pinned = requirement.split("==")
+        assert version(name) == pinned, (name, version(name), pinned)
 PY
 then
-  echo "setup: installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION ${PY_PACKAGES[*]} into .venv"
+  requirements=("${PY_PACKAGES[@]%:*}")
+  echo "setup: installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION ${requirements[*]} into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "${PY_PACKAGES[@]}"
+  .venv/bin/python -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "${requirements[@]}"
+fi
+
+# The project itself, once: scripts/test.sh rebuilds and reinstalls it on
+# every run. An editable install from this very checkout counts.
+if ! .venv/bin/python - "$PWD" <<'PY' 2>/dev/null
+import json, sys
+from importlib.metadata import distribution
+url = json.loads(distribution("torch-sparsity").read_text("direct_url.json"))
+assert url["url"] == "file://" + sys.argv[1] and url["dir_info"].get("editable"), url
+PY
+then
+  echo "setup: building and installing torch_sparsity into .venv (editable)"
+  scripts/build.sh
 fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'))"

@@ -10,7 +10,7 @@
 // is written or, under AddressSanitizer, read past the inputs, and which
 // kernel the pointers' alignment selects.
 // CMake builds this file once per set of launch settings (the
-// TORCH_SPARSITY_CUDA_* definitions), including those scripts/gpu-tune.sh
+// TORCH_SPARSITY_CUDA_* definitions), including those scripts/gpu/gpu-tune.sh
 // times on a GPU. The real kernels on a GPU: tests/python/test_cuda.py.
 
 #define TORCH_SPARSITY_CUDA_EMULATION

@@ -1,14 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-import torch_sparsity  # noqa: E402
-
-torch_sparsity.load_library()
+import torch_sparsity  # the installed package (scripts/build.sh); importing it loads the plugin
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +12,6 @@ def _seeded():
 
 def pytest_report_header(config):
     return [
-        f"torch {torch.__version__}, library {torch_sparsity.library_path()}",
+        f"torch {torch.__version__}, torch_sparsity {torch_sparsity.__version__} from {torch_sparsity.library_path()}",
         f"CUDA available: {torch.cuda.is_available()}",
     ]

@@ -80,14 +80,14 @@ def pruned_model(name: str, method: str, seed: int = 0):
 
 
 def sparsity_run_path() -> Path:
-    return Path(torch_sparsity.library_path()).parent / "sparsity_run"
+    return Path(torch_sparsity.sparsity_run_path())
 
 
 def sparsity_run(*args, timeout=300):
     """Runs the C++ program; returns the CompletedProcess (text output)."""
     program = sparsity_run_path()
     if not program.is_file():
-        raise RuntimeError(f"{program} is missing: build the project (scripts/build.sh)")
+        raise RuntimeError(f"{program} is missing: install the package (scripts/build.sh)")
     return subprocess.run(
         [str(program)] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout
     )

@@ -670,12 +670,13 @@ def test_command_line_bad_model_and_refusal(small_factory, tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_command_line_script(tmp_path):
-    """scripts/convert_model.py runs as a program."""
+def test_command_line(tmp_path):
+    """python -m torch_sparsity.convert runs as a program, from any folder."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "convert_model.py"
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch_sparsity.convert", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0 and "--sparsity" in result.stdout
+    assert "python -m torch_sparsity.convert" in result.stdout

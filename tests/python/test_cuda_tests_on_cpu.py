@@ -14,8 +14,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch_sparsity
-
 CUDA_ONLY = {
     "test_runs_on_current_stream",
     "test_device_mismatch_names_both_devices",
@@ -26,11 +24,7 @@ CUDA_ONLY = {
 
 def test_cuda_tests_pass_on_the_cpu(tmp_path):
     report = tmp_path / "cuda-tests-on-cpu.xml"
-    env = dict(
-        os.environ,
-        TORCH_SPARSITY_CUDA_TESTS_DEVICE="cpu",
-        TORCH_SPARSITY_LIBRARY=str(torch_sparsity.library_path()),
-    )
+    env = dict(os.environ, TORCH_SPARSITY_CUDA_TESTS_DEVICE="cpu")
     result = subprocess.run(
         [
             sys.executable, "-m", "pytest", str(Path(__file__).with_name("test_cuda.py")),

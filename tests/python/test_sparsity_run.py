@@ -1,4 +1,4 @@
-"""The C++ program sparsity_run (scripts/sparsity_run.cpp), run on models that
+"""The C++ program sparsity_run (tools/sparsity_run.cpp), run on models that
 torch_sparsity.convert wrote: every option, and bad arguments."""
 
 import re

@@ -8,7 +8,7 @@
 # seconds. The summary names every test that failed, errored, crashed, timed
 # out or did not run.
 #
-#   scripts/pytest-retry-crashes.sh [--limit S] [--out PREFIX] [--max-crashes N]
+#   scripts/gpu/pytest-retry-crashes.sh [--limit S] [--out PREFIX] [--max-crashes N]
 #                                   [--summary FILE] [--] TEST_PATH...
 #
 #   --limit S        seconds for all pytest runs together, the listing of
@@ -26,7 +26,7 @@
 # none failed, errored, crashed or timed out (skips are fine).
 # Known limit: node ids that contain spaces are not recognised.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
 limit=180

@@ -34,7 +34,7 @@ layers of torchvision's models except ``MultiheadAttention``): the
 parametrization's tensors come after the module's own, and so do the
 ``_original`` tensors. Masks are not in any state dict.
 
-Command line: ``python scripts/convert_model.py --help``.
+Command line: ``python -m torch_sparsity.convert --help``.
 """
 
 import argparse
@@ -459,7 +459,7 @@ def main(argv=None) -> int:
     from .sparsifiers import prepare_with_masks, prune_with_weight_norm
 
     parser = argparse.ArgumentParser(
-        prog="convert_model.py",
+        prog="python -m torch_sparsity.convert",
         description="Builds an eager model, prunes it with torch.ao.pruning (or takes it pruned), converts it "
         "for TorchScript with the plugin's FakeSparsity, scripts it and saves it with torch.jit.save.",
     )
@@ -531,7 +531,7 @@ def main(argv=None) -> int:
     try:
         converted = convert(model, compact_masks=not args.keep_mask_dtype)
     except ConversionError as error:
-        print(f"convert_model.py: cannot convert: {error}", file=sys.stderr)
+        print(f"torch_sparsity.convert: cannot convert: {error}", file=sys.stderr)
         return 1
     scripted = torch.jit.script(converted)
     scripted.save(args.output)

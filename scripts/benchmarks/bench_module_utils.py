@@ -13,14 +13,12 @@ functions look for the last linear: module_to_fqn must walk every submodule
 before finding it; fqn_to_module follows a two-name path, through a top-level
 Sequential of N/10 children.
 
-Usage: TORCH_SPARSITY_LIBRARY=build/libtorch_sparsity.so .venv/bin/python scripts/bench_module_utils.py
+Usage: .venv/bin/python scripts/benchmarks/bench_module_utils.py
 """
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 from typing import Any
 
@@ -28,8 +26,7 @@ import torch
 from torch import nn
 from torch.ao.pruning.sparsifier import utils as ao_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch_sparsity  # noqa: E402
+import torch_sparsity  # loads the plugin
 
 
 def module_to_fqn_loop(model: Any, module: Any, calls: int) -> int:

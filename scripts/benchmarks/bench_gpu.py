@@ -7,7 +7,7 @@ uint8 masks, `mask * x` with the same masks, and a device-to-device copy of x
 events: warm-up runs, then the median of --runs runs. Bytes moved: x read +
 mask read + output written (the copy: x read + y written).
 
-    python3 scripts/bench_gpu.py [--runs 50] [--out table.txt]
+    python3 scripts/benchmarks/bench_gpu.py [--runs 50] [--out table.txt]
         [--check] [--json rows.json] [--sizes 26 28] [--device cuda]
 
 --check first compares fake_sparsity and fake_sparsity_ bit for bit with
@@ -17,7 +17,7 @@ case also checks that nothing outside the view was written); it prints one
 line per failure and the exit status is 3 when any case fails (the timings
 still run). --json writes the check and every table row as JSON.
 --device cpu runs everything on the CPU (perf_counter timing), only to try
-this script and scripts/gpu-tune.sh on a machine without a GPU.
+this script and scripts/gpu/gpu-tune.sh on a machine without a GPU.
 
 The plugin is $TORCH_SPARSITY_LIBRARY, else build/libtorch_sparsity.so.
 """
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch_sparsity  # noqa: E402
+import torch_sparsity  # loads the plugin
 
 SIZES = [26, 28]
 MASK_DTYPES = [torch.float32, torch.bool, torch.uint8]

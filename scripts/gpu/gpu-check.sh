@@ -4,10 +4,10 @@
 # then the GPU benchmark, and ends with a short summary table. Every step is
 # bounded by `timeout` so that the whole run stays under 8 minutes.
 #
-#   scripts/gpu-check.sh            (PYTHON, BUILD_DIR override the defaults)
+#   scripts/gpu/gpu-check.sh            (PYTHON, BUILD_DIR override the defaults)
 #
 # The tests run verbosely; a test that kills pytest (a segfault) is named as
-# crashed and the tests after it still run (scripts/pytest-retry-crashes.sh).
+# crashed and the tests after it still run (scripts/gpu/pytest-retry-crashes.sh).
 # The log (gpu-check.log), the pytest output (pytest-cuda.txt), one
 # "STATUS node-id" line per test (pytest-cuda-results.txt) and the benchmark
 # table (bench_gpu.txt) go to $OUT when it is set, else to
@@ -15,9 +15,13 @@
 # errored, crashed, timed out or did not run. Exit status 0 only when the
 # build and the tests passed and the benchmark ran.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
+# The GPU machine has no scikit-build-core and no network: the plugin is
+# built with CMake alone (INSTALL=0), Python imports torch_sparsity from this
+# checkout and loads the library named by TORCH_SPARSITY_LIBRARY.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 # Seconds per step: 440 in all (465 with the kill grace of each), under 8
 # minutes with room for start-up.
@@ -60,7 +64,7 @@ main() {
   # ---- build
   echo "== build into $BUILD_DIR (limit ${BUILD_TIMEOUT}s)"
   local start=$SECONDS
-  PYTHON=$PYTHON BUILD_DIR=$BUILD_DIR timeout -k 10 "$BUILD_TIMEOUT" \
+  PYTHON=$PYTHON BUILD_DIR=$BUILD_DIR INSTALL=0 timeout -k 10 "$BUILD_TIMEOUT" \
     scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF
   local build_status=$?
   local library=$BUILD_DIR/libtorch_sparsity.so
@@ -74,13 +78,13 @@ main() {
   if [ "$build_status" -eq 0 ]; then
     # ---- CUDA tests: verbose, and a test that crashes pytest (a segfault)
     # is recorded and the tests after it run in a new pytest
-    # (scripts/pytest-retry-crashes.sh), all within TEST_TIMEOUT.
+    # (scripts/gpu/pytest-retry-crashes.sh), all within TEST_TIMEOUT.
     echo "== CUDA tests (limit ${TEST_TIMEOUT}s)"
     start=$SECONDS
     if "$PYTHON" -c 'import pytest' 2>/dev/null; then
       local summary_file
       summary_file=$(mktemp)
-      PYTHON=$PYTHON TORCH_SPARSITY_LIBRARY=$library scripts/pytest-retry-crashes.sh \
+      PYTHON=$PYTHON TORCH_SPARSITY_LIBRARY=$library scripts/gpu/pytest-retry-crashes.sh \
         --limit "$TEST_TIMEOUT" --max-crashes "$MAX_CRASHES" --out "$results/pytest-cuda" \
         --summary "$summary_file" -- tests/python/test_cuda.py
       test_status=$?
@@ -99,7 +103,7 @@ main() {
     echo "== benchmark (limit ${BENCH_TIMEOUT}s)"
     start=$SECONDS
     TORCH_SPARSITY_LIBRARY=$library timeout -k 10 "$BENCH_TIMEOUT" \
-      "$PYTHON" scripts/bench_gpu.py --out "$results/bench_gpu.txt"
+      "$PYTHON" scripts/benchmarks/bench_gpu.py --out "$results/bench_gpu.txt"
     bench_status=$?
     local bench_table="no table"
     if [ "$bench_status" -eq 0 ]; then bench_table="table in $results/bench_gpu.txt"; fi

@@ -2,14 +2,14 @@
 # For a machine with a GPU: compares launch settings of the CUDA flat (dense)
 # kernel. Builds only the plugin library for a few variants of the
 # TORCH_SPARSITY_CUDA_* settings (CMakeLists.txt), in parallel, one build
-# directory each; then runs scripts/bench_gpu.py --check against each variant
+# directory each; then runs scripts/benchmarks/bench_gpu.py --check against each variant
 # (one process per variant, one after the other) and prints one table:
 # variant, mask dtype, size, GB/s, share of copy bandwidth, speed against
 # `mask * x` with a float32 mask and with the same mask, and whether the
 # variant's results were bit-exact (a fast but wrong variant shows WRONG).
 # Every step is bounded by `timeout`; the whole run stays under 5 minutes.
 #
-#   scripts/gpu-tune.sh
+#   scripts/gpu/gpu-tune.sh
 #
 # Environment (all optional):
 #   PYTHON         interpreter with torch (python3)
@@ -29,7 +29,7 @@
 #                  (the variants built by an earlier "build" run, whose
 #                  statuses it reads from the results folder); split, the
 #                  builds can run while the GPU does other work
-#                  (scripts/gpu-session.sh)
+#                  (scripts/gpu/gpu-session.sh)
 # Results: gpu-tune.log (everything; gpu-tune-build.log for TUNE_STEPS=build),
 # tune-build-<name>.log and .status (each build), gpu-tune-table.txt (the
 # table) and gpu-tune.json (settings, statuses, check and rows of every
@@ -37,9 +37,13 @@
 # status 0 when every variant built, checked bit-exact and ran its benchmark
 # (for TUNE_STEPS=build: when every variant built).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
+# The GPU machine has no scikit-build-core and no network: the plugin is
+# built with CMake alone (INSTALL=0), Python imports torch_sparsity from this
+# checkout and loads the library named by TORCH_SPARSITY_LIBRARY.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BUILD_PREFIX=${BUILD_PREFIX:-build-tune-}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-25}
@@ -160,7 +164,7 @@ build_variants() {
     rm -f "$results/tune-build-$name.status"
     (
       # shellcheck disable=SC2086 # cmake_args holds separate -D words
-      CMAKE_BUILD_PARALLEL_LEVEL=$jobs PYTHON=$PYTHON BUILD_DIR=$BUILD_PREFIX$name BUILD_TARGETS=torch_sparsity \
+      CMAKE_BUILD_PARALLEL_LEVEL=$jobs PYTHON=$PYTHON BUILD_DIR=$BUILD_PREFIX$name BUILD_TARGETS=torch_sparsity INSTALL=0 \
         timeout -k 10 "$BUILD_TIMEOUT" scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF ${cmake_args[$name]} \
         >"$results/tune-build-$name.log" 2>&1
       echo $? >"$results/tune-build-$name.status"
@@ -212,7 +216,7 @@ bench_variants() {
     echo "== $name (${settings_of[$name]}): check and benchmark (limit ${left}s)"
     # shellcheck disable=SC2086 # BENCH_ARGS holds separate words
     TORCH_SPARSITY_LIBRARY=$prefix_path$name/libtorch_sparsity.so timeout -k 5 "$left" \
-      "$PYTHON" scripts/bench_gpu.py --check --runs "$RUNS" --json "$work/bench-$name.json" $BENCH_ARGS
+      "$PYTHON" scripts/benchmarks/bench_gpu.py --check --runs "$RUNS" --json "$work/bench-$name.json" $BENCH_ARGS
     status=$?
     bench_status[$name]=$status
     echo "-- $name: bench_gpu.py status $status"

@@ -5,7 +5,7 @@ torch.no_grad(), against the same model with the masks squashed into its
 weights (what a pruned model costs once the masks are gone).
 
 Three variants of each model, timed in turns (random order each round, as
-scripts/bench_op.py does), as medians per forward; the ratios are medians
+scripts/benchmarks/bench_op.py does), as medians per forward; the ratios are medians
 over rounds of that round's ratio to the squashed model:
 
 - squashed: plain weights, already multiplied by their masks;
@@ -15,7 +15,7 @@ over rounds of that round's ratio to the squashed model:
 
 The outputs of all three are checked to be bit for bit equal first.
 
-    .venv/bin/python scripts/bench_cache.py [--repeat 30]
+    .venv/bin/python scripts/benchmarks/bench_cache.py [--repeat 30]
 """
 
 import argparse
@@ -28,12 +28,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
-import torch_sparsity  # noqa: E402
+import torch_sparsity  # loads the plugin
 
-torch_sparsity.load_library()
 from bench_op import interleaved_samples, paired_ratio  # noqa: E402
 from sparsity_testing import random_weight_masks, sparsify_with_plugin  # noqa: E402
 

@@ -1,9 +1,9 @@
 // sparsity_run: the C++ side of a pruned model's trip to LibTorch. It loads a
 // TorchScript model whose pruned tensors go through
-// torch.classes.sparsity.FakeSparsity (as scripts/convert_model.py writes
-// them), lists the pruned tensors, can change their masks, runs and times
-// inference, squashes the masks into the weights and saves the result.
-// `sparsity_run --help` describes the options; scripts/README_end_to_end.md
+// torch.classes.sparsity.FakeSparsity (as `python -m torch_sparsity.convert`
+// writes them), lists the pruned tensors, can change their masks, runs and
+// times inference, squashes the masks into the weights and saves the result.
+// `sparsity_run --help` describes the options; docs/end_to_end.md
 // the layout it reads.
 
 #include "classes/fake_sparsity_class.h"
@@ -410,7 +410,7 @@ void squash(std::vector<PrunedTensor>& pruned) {
     if (!c10::NoneType::get()->isSubtypeOf(*tensor.owner.type()->getAttribute(attribute))) {
       throw RunError(
           "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
-          " is not declared Optional, so it cannot become None (models written by scripts/convert_model.py "
+          " is not declared Optional, so it cannot become None (models written by python -m torch_sparsity.convert "
           "declare it so)");
     }
   }

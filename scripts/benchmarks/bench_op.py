@@ -19,7 +19,7 @@ in-place form and copy_ show the kernels without it; clone against copy_
 shows what fresh memory costs. Bytes moved: x read + mask read + result
 written (in place: x read + mask read + x written; copies: read + written).
 
-    .venv/bin/python scripts/bench_op.py [--sizes 1M 16M] [--half-sizes 16M] [--repeat 50]
+    .venv/bin/python scripts/benchmarks/bench_op.py [--sizes 1M 16M] [--half-sizes 16M] [--repeat 50]
         [--plot bench-results/op_throughput.png] [--json bench-results/op.json]
 
 --plot needs matplotlib (scripts/setup.sh installs it).
@@ -30,16 +30,13 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch_sparsity  # noqa: E402
+import torch_sparsity  # loads the plugin
 
-torch_sparsity.load_library()  # before the scripted loops below are compiled
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 

@@ -28,7 +28,7 @@ Inference: torch.no_grad(), input N x 3 x 224 x 224. Every variant first runs
 3 times at batch 1 (TorchScript's profiling executor optimizes a graph on its
 third run), then once at each batch for the output check. Timed samples are
 taken in rounds, each round one sample of every variant in a new random order
-(as scripts/bench_op.py's interleaved_samples, with a time bound): rounds run
+(as scripts/benchmarks/bench_op.py's interleaved_samples, with a time bound): rounds run
 until --repeat rounds, or until --budget seconds have passed and at least
 --min-rounds rounds are done. A sample is as many forwards as take about
 20 ms (one for all but the smallest configurations), reported per forward;
@@ -80,7 +80,7 @@ sets all.
 Targets: scripted / squashed <= 1.05 and scripted / eager < 1 at inference;
 scripted / eager <= 1 for the training step.
 
-    .venv/bin/python scripts/bench_models.py [--models resnet18,vit_b_16] [--batches 1,32]
+    .venv/bin/python scripts/benchmarks/bench_models.py [--models resnet18,vit_b_16] [--batches 1,32]
         [--repeat 20] [--budget 30] [--threads N] [--no-train] [--no-memory] [--out FILE] [--quick]
 """
 
@@ -103,11 +103,8 @@ import torch.nn.functional as F
 # torch 2.14 warns that torch.jit is deprecated on every script and trace.
 warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import torch_sparsity  # noqa: E402
+import torch_sparsity  # loads the plugin
 
-torch_sparsity.load_library()
 from bench_op import paired_ratio  # noqa: E402
 from torch_sparsity.convert import (  # noqa: E402
     convert,
