@@ -10,6 +10,7 @@ and finds everything through torch_sparsity.cmake_prefix_path alone.
 The wheel is built once per run, in a temporary folder (about three minutes
 here, CUDA kernels included when nvcc is present)."""
 
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -25,7 +26,6 @@ import torch
 from test_cpp_consumer import build_consumer, run
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = re.compile(r"^(torch_sparsity|_editable_skbc_torch_sparsity|__editable__.*torch_sparsity)")
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +42,42 @@ def wheel(tmp_path_factory):
     return path
 
 
+def installed_closure(*names):
+    """The distributions of this environment that `names` need to run, them
+    included (requirements behind an extra, or for another platform and so
+    not installed, are left out)."""
+    found, todo = {}, list(names)
+    while todo:
+        key = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if key in found:
+            continue
+        try:
+            dist = importlib.metadata.distribution(key)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found[key] = dist
+        todo += [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in dist.requires or [] if "extra ==" not in r]
+    return list(found.values())
+
+
 @pytest.fixture(scope="module")
 def fresh_env(wheel, tmp_path_factory):
-    """A new venv: the wheel installed by its own pip, then each package of
-    this environment's site-packages but ours linked in."""
+    """A new venv: the wheel installed by its own pip, then torch,
+    torchvision and what they need linked in from this environment, nothing
+    else (no pytest, no scikit-build-core, no torch_sparsity but the wheel's)."""
     env_dir = tmp_path_factory.mktemp("fresh") / "venv"
     run([sys.executable, "-m", "venv", env_dir])
     python = env_dir / "bin" / "python"
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir", wheel])
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
-    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if OURS.match(entry.name) or (site / entry.name).exists():
-            continue  # pip, setuptools: the fresh venv's own
-        (site / entry.name).symlink_to(entry)
+    ours = Path(sysconfig.get_paths()["purelib"])
+    linked = set()
+    for dist in installed_closure("torch", "torchvision"):
+        for top in {Path(f).parts[0] for f in dist.files or []}:
+            if top not in ("..", "__pycache__") and (ours / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(ours / top)
+                linked.add(top)
+    assert {"torch", "torchvision", "sympy"} <= linked and not any("sparsity" in t or "pytest" in t for t in linked)
     work = tmp_path_factory.mktemp("outside")  # the folder users run from
     return python, site, work
 
