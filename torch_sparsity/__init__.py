@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["cmake_prefix_path", "library_path", "load_library", "sparsity_run_path", "__version__"]
+__all__ = ["cmake_prefix_path", "library_path", "load_library", "masks", "sparsity_run_path", "__version__"]
 
 _LIBRARY_NAME = "libtorch_sparsity.so"
 
@@ -111,3 +111,5 @@ def load_library(path: Optional[str] = None) -> str:
 if _build_info is not None and not os.environ.get("TORCH_SPARSITY_LIBRARY"):
     _check_torch_version()
 load_library()
+
+from .convert import masks  # noqa: E402  (needs load_library above)

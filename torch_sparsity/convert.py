@@ -34,6 +34,16 @@ layers of torchvision's models except ``MultiheadAttention``): the
 parametrization's tensors come after the module's own, and so do the
 ``_original`` tensors. Masks are not in any state dict.
 
+``convert(model, target="export")`` is the form for torch.export,
+AOTInductor and torch.compile: ``m.weight_original`` as above, the mask as a
+non-persistent buffer ``m.weight_mask`` (bool where that is exact; never in a
+state dict), and a plain Python property ``weight`` that returns
+``torch.ops.sparsity.fake_sparsity(m.weight_original, m.weight_mask)``. The
+operator has a Meta kernel and autograd in C++, so export and compile trace
+through it; the mask buffer is a constant of an exported program and of an
+AOTInductor package (``torch_sparsity.aoti``). ``torch_sparsity.masks``
+finds the live masks of either target, scripted or exported too.
+
 Command line: ``python -m torch_sparsity.convert --help``.
 """
 
@@ -57,18 +67,22 @@ from . import load_library
 
 __all__ = [
     "ConversionError",
+    "TARGETS",
     "compact_mask",
     "convert",
     "converted_name",
     "fake_sparsities",
     "mask_bytes",
+    "masks",
     "parametrized_masks",
     "squash",
     "storage_bytes",
 ]
 
 ORIGINAL_SUFFIX = "_original"
-SPARSITY_SUFFIX = "_sparsity"
+SPARSITY_SUFFIX = "_sparsity"  # target "torchscript": the FakeSparsity object
+MASK_SUFFIX = "_mask"  # target "export": the mask buffer
+TARGETS = ("torchscript", "export")
 
 
 class ConversionError(RuntimeError):
@@ -145,6 +159,38 @@ def _sparse_class(base: type, names: Tuple[str, ...]) -> type:
     return _sparse_classes[key]
 
 
+def _export_getter(name: str):
+    """The getter of property ``name`` for target "export": plain Python,
+    which torch.export and torch.compile trace (the operator's Meta kernel
+    gives shapes, its C++ autograd the backward)."""
+    original, mask = name + ORIGINAL_SUFFIX, name + MASK_SUFFIX
+
+    def getter(self):
+        held = getattr(self, mask)
+        if held is None:  # squashed
+            return getattr(self, original)
+        return torch.ops.sparsity.fake_sparsity(getattr(self, original), held)
+
+    getter.__name__ = name
+    return getter
+
+
+_export_classes: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+
+
+def _export_class(base: type, names: Tuple[str, ...]) -> type:
+    """The subclass of ``base`` whose tensors ``names`` read their masks."""
+    key = (base, names)
+    if key not in _export_classes:
+        namespace = {"__module__": __name__, "__qualname__": base.__qualname__}
+        for name in names:
+            namespace[name] = property(
+                _export_getter(name), doc=f"fake_sparsity({name}{ORIGINAL_SUFFIX}, {name}{MASK_SUFFIX})"
+            )
+        _export_classes[key] = type(base.__name__, (base,), namespace)
+    return _export_classes[key]
+
+
 # ------------------------------------------------------------------ convert
 
 
@@ -159,7 +205,7 @@ class _PrunedTensor:
         self.mask = mask
 
 
-def _plan_module(fqn: str, module: nn.Module) -> List[_PrunedTensor]:
+def _plan_module(fqn: str, module: nn.Module, target: str = "torchscript") -> List[_PrunedTensor]:
     """Checks that every parametrization of ``module`` can be converted and
     collects what moves; raises ConversionError naming the module otherwise."""
     fake_sparsity_class = _torch_ao_fake_sparsity()
@@ -187,7 +233,7 @@ def _plan_module(fqn: str, module: nn.Module) -> List[_PrunedTensor]:
             raise ConversionError(
                 f"{where}: tensor '{name}' is not a Python identifier, so TorchScript code cannot read it"
             )
-        for attribute in (name + ORIGINAL_SUFFIX, name + SPARSITY_SUFFIX):
+        for attribute in (name + ORIGINAL_SUFFIX, name + (SPARSITY_SUFFIX if target == "torchscript" else MASK_SUFFIX)):
             if hasattr(module, attribute):
                 raise ConversionError(
                     f"{where}: cannot hold tensor '{name}' as '{attribute}', the module already has "
@@ -262,11 +308,12 @@ def parametrized_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     }
 
 
-def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: bool) -> None:
+def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: bool, target: str) -> None:
     base = parametrize.type_before_parametrizations(module)
+    names = tuple(p.name for p in plan)
     # The parametrization's class (and its property) goes first, so that
     # nothing below goes through parametrize's __getattr__/__setattr__ logic.
-    module.__class__ = _sparse_class(base, tuple(p.name for p in plan))
+    module.__class__ = _sparse_class(base, names) if target == "torchscript" else _export_class(base, names)
     del module._modules["parametrizations"]
     for pruned in plan:
         if pruned.is_parameter:
@@ -274,7 +321,12 @@ def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: boo
         else:
             module.register_buffer(pruned.name + ORIGINAL_SUFFIX, pruned.original, persistent=pruned.persistent)
         mask = compact_mask(pruned.mask, pruned.original) if compact_masks else pruned.mask
-        setattr(module, pruned.name + SPARSITY_SUFFIX, torch.classes.sparsity.FakeSparsity(mask))
+        if target == "torchscript":
+            setattr(module, pruned.name + SPARSITY_SUFFIX, torch.classes.sparsity.FakeSparsity(mask))
+        else:
+            # Not persistent: masks stay out of state dicts, as with the
+            # parametrization (and an exported program keeps them as constants).
+            module.register_buffer(pruned.name + MASK_SUFFIX, mask, persistent=False)
 
 
 def _check_scriptable(converted: Dict[type, Tuple[str, nn.Module]]) -> None:
@@ -294,10 +346,14 @@ def convert(
     inplace: bool = False,
     check_scriptable: bool = True,
     compact_masks: Optional[bool] = None,
+    target: str = "torchscript",
 ) -> nn.Module:
     """Returns ``model`` with every FakeSparsity parametrization of
     torch.ao.pruning replaced by the plugin's FakeSparsity (see the module
-    docstring for the layout), ready for ``torch.jit.script``.
+    docstring for the layout), ready for ``torch.jit.script``; with
+    ``target="export"``, by mask buffers read through the
+    ``fake_sparsity`` operator, ready for torch.export, AOTInductor and
+    torch.compile.
 
     With ``inplace=False`` (the default) the model is deep-copied first, so the
     masks are copies; with ``inplace=True`` the model itself is changed and the
@@ -311,11 +367,14 @@ def convert(
     holding a bool mask converts what ``update_mask`` gives it to bool
     (nonzero is True), as ``copy_`` does.
     ``check_scriptable`` compiles one converted module of each class with
-    TorchScript, so that a module TorchScript cannot compile is named here.
+    TorchScript, so that a module TorchScript cannot compile is named here
+    (target "torchscript" only).
     Anything that cannot be converted raises ConversionError, before the model
     is changed.
     """
     load_library()
+    if target not in TARGETS:
+        raise ValueError(f"convert: target must be one of {TARGETS}, got {target!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, but got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -323,7 +382,7 @@ def convert(
     # Every refusal comes before anything is copied or changed.
     for fqn, module in model.named_modules():
         if parametrize.is_parametrized(module):
-            _plan_module(fqn, module)
+            _plan_module(fqn, module, target)
     if not inplace:
         try:
             model = copy.deepcopy(model)
@@ -332,7 +391,7 @@ def convert(
                 f"copy.deepcopy(model) failed ({error}); convert(model, inplace=True) converts the model itself"
             ) from error
     plans = [
-        (fqn, module, _plan_module(fqn, module))
+        (fqn, module, _plan_module(fqn, module, target))
         for fqn, module in model.named_modules()
         if parametrize.is_parametrized(module)
     ]
@@ -340,9 +399,9 @@ def convert(
         compact_masks = not inplace
     converted = {}
     for fqn, module, plan in plans:
-        _apply_plan(module, plan, compact_masks)
+        _apply_plan(module, plan, compact_masks, target)
         converted.setdefault(type(module), (fqn, module))
-    if check_scriptable:
+    if check_scriptable and target == "torchscript":
         _check_scriptable(converted)
     return model
 
@@ -357,14 +416,16 @@ def converted_name(name: str) -> str:
     return name
 
 
-def _pruned_tensor_names(module) -> List[str]:
-    """Names of the module's own tensors that have a FakeSparsity (not squashed)."""
+def _pruned_tensor_names(module, suffix: str = SPARSITY_SUFFIX) -> List[str]:
+    """Names of the module's own tensors that have a FakeSparsity object
+    (``suffix`` "_sparsity") or a mask buffer ("_mask"), not squashed."""
     names = []
     own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
     for tensor_name in own:
         if tensor_name.endswith(ORIGINAL_SUFFIX):
             name = tensor_name[: -len(ORIGINAL_SUFFIX)]
-            if getattr(module, name + SPARSITY_SUFFIX, None) is not None:
+            held = getattr(module, name + suffix, None)
+            if held is not None and (suffix != MASK_SUFFIX or isinstance(held, torch.Tensor)):
                 names.append(name)
     return names
 
@@ -381,10 +442,50 @@ def fake_sparsities(model) -> Dict[str, "torch.ScriptObject"]:
     return result
 
 
+def _exported_masks(program) -> Dict[str, torch.Tensor]:
+    """The masks of an ExportedProgram: the second input of every
+    ``fake_sparsity`` call, by the fqn of the tensor in its first input."""
+    signature = program.graph_signature
+    state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    tensors = {**program.state_dict, **program.constants}
+    result = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.sparsity.fake_sparsity.default:
+            continue
+        x, mask = node.args[:2]
+        x_name, mask_name = state.get(getattr(x, "name", None)), state.get(getattr(mask, "name", None))
+        if x_name is None or mask_name is None:
+            continue  # not a model tensor read straight from the model's state
+        fqn = x_name[: -len(ORIGINAL_SUFFIX)] if x_name.endswith(ORIGINAL_SUFFIX) else x_name
+        result[fqn] = tensors[mask_name]
+    return result
+
+
+def masks(obj) -> Dict[str, torch.Tensor]:
+    """The live masks by tensor fqn (``"layer1.0.conv1.weight"``) of a
+    converted model of either target, eager or scripted, or of an
+    ``ExportedProgram`` made from an export-target model. Writing into one
+    (``masks(m)[fqn][:8] = 0``) changes the next output."""
+    if isinstance(obj, torch.export.ExportedProgram):
+        return _exported_masks(obj)
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"masks expects a converted model or an ExportedProgram, but got {type(obj).__name__}")
+    result = {fqn: sparsity.mask for fqn, sparsity in fake_sparsities(obj).items()}
+    for module_fqn, module in obj.named_modules():
+        for name in _pruned_tensor_names(module, MASK_SUFFIX):
+            result[f"{module_fqn}.{name}" if module_fqn else name] = getattr(module, name + MASK_SUFFIX)
+    return result
+
+
 def squash(model):
-    """Multiplies each mask into its tensor in place (``fake_sparsity_``) and
-    drops the FakeSparsity objects, in a converted model, eager or scripted.
-    The result computes the same outputs and holds no masks. Returns ``model``."""
+    """Multiplies each mask into its tensor in place and drops the masks, in a
+    converted model of either target, eager or scripted. The result computes
+    the same outputs and holds no masks. Returns ``model``.
+
+    Target "torchscript" uses the plugin's ``fake_sparsity_`` (scripted code
+    can call it too); target "export" uses ``Tensor.mul_``, which is the same
+    computation and which torch.compile and AOTInductor accept (they refuse a
+    custom operator that returns an alias of its input)."""
     load_library()
     for module_fqn, module in model.named_modules():
         for name in _pruned_tensor_names(module):
@@ -392,6 +493,10 @@ def squash(model):
             with torch.no_grad():
                 torch.ops.sparsity.fake_sparsity_(getattr(module, name + ORIGINAL_SUFFIX), sparsity.mask)
             setattr(module, name + SPARSITY_SUFFIX, None)
+        for name in _pruned_tensor_names(module, MASK_SUFFIX):
+            with torch.no_grad():
+                getattr(module, name + ORIGINAL_SUFFIX).mul_(getattr(module, name + MASK_SUFFIX))
+            module.register_buffer(name + MASK_SUFFIX, None, persistent=False)
     return model
 
 
