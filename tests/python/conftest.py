@@ -4,6 +4,19 @@ import torch
 import torch_sparsity  # the installed package (scripts/build.sh); importing it loads the plugin
 
 
+@pytest.fixture(scope="session")
+def installed_consumer(tmp_path_factory):
+    """tests/consumer built against the installed package (the folder of its
+    programs), found through torch_sparsity.cmake_prefix_path alone, with
+    C++17 asked for: the package's target must raise it to torch's standard."""
+    from cpp_consumer import build_consumer
+
+    if torch_sparsity.cmake_prefix_path is None:
+        pytest.skip("the library comes from TORCH_SPARSITY_LIBRARY, not from an installed package")
+    work = tmp_path_factory.mktemp("consumer")
+    return build_consumer(work, torch_sparsity.cmake_prefix_path, "-DCONSUMER_CXX_STANDARD=17")
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

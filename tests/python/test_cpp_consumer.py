@@ -6,46 +6,19 @@ need). tests/python/test_wheel.py does the same from a built wheel with no
 standard set."""
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch_sparsity
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(cmd, **kwargs):
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def build_consumer(work: Path, prefix: str, *cmake_args) -> Path:
-    """Configures and builds tests/consumer, copied to `work` so that nothing
-    but the installed package can provide the plugin. --as-needed is what
-    would drop a library that the program calls nothing from."""
-    source = work / "src"
-    shutil.copytree(ROOT / "tests" / "consumer", source)
-    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_PREFIX_PATH", "Torch_DIR")}
-    run(
-        ["cmake", "-S", source, "-B", work / "build", "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={prefix}",
-         "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--as-needed", *cmake_args],
-        env=env,
-    )
-    run(["cmake", "--build", work / "build", "--verbose"], env=env)
-    return work / "build" / "run_pruned_model"
+from cpp_consumer import ROOT, run
 
 
 @pytest.fixture(scope="module")
-def consumer_build(tmp_path_factory):
-    if torch_sparsity.cmake_prefix_path is None:
-        pytest.skip("the library comes from TORCH_SPARSITY_LIBRARY, not from an installed package")
-    work = tmp_path_factory.mktemp("consumer")
-    program = build_consumer(work, torch_sparsity.cmake_prefix_path, "-DCONSUMER_CXX_STANDARD=17")
-    models = work / "models"
+def consumer_build(installed_consumer, tmp_path_factory):
+    program = installed_consumer / "run_pruned_model"
+    models = tmp_path_factory.mktemp("consumer-models")
     run([sys.executable, ROOT / "tests" / "cpp" / "make_python_models.py", "--library", torch_sparsity.library_path(),
          "--out", models])
     return program, models, Path(torch_sparsity.cmake_prefix_path)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cpp_consumer import build_consumer, run
+from cpp_consumer import build_consumer, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,10 +102,10 @@ def test_wheel_holds_the_package_and_nothing_else(wheel):
     print(f"{wheel.name}: {wheel.stat().st_size / 2**20:.2f} MiB, {len(names)} files")
     print("\n".join(names))
     allowed = re.compile(
-        r"^(torch_sparsity/(__init__|convert|sparsifiers|utils|_build_info)\.py"
+        r"^(torch_sparsity/(__init__|aoti|convert|sparsifiers|utils|_build_info)\.py"
         r"|torch_sparsity/lib/libtorch_sparsity\.so"
         r"|torch_sparsity/lib/cmake/TorchSparsity/TorchSparsity(Config|ConfigVersion|Targets|Targets-release)\.cmake"
-        r"|torch_sparsity/include/torch_sparsity/(ops|classes)/[a-z_/]+\.h"
+        r"|torch_sparsity/include/torch_sparsity/(ops|classes|aoti)/[a-z_/]+\.h"
         r"|torch_sparsity/bin/sparsity_run"
         r"|torch_sparsity-[0-9.]+\.dist-info/(METADATA|WHEEL|RECORD|licenses/.*))$"
     )
@@ -209,16 +209,66 @@ def test_sparsity_run_from_the_wheel(fresh_env, saved_resnet18):
     assert "pruned tensors: 21\n" in result.stdout, result.stdout[-2000:]
 
 
-def test_cpp_consumer_with_no_standard_found_through_cmake_prefix_path(fresh_env, saved_resnet18, tmp_path):
+@pytest.fixture(scope="module")
+def wheel_consumer(fresh_env, tmp_path_factory):
+    """tests/consumer built with no C++ standard of its own, configured with
+    nothing but the fresh environment's torch_sparsity.cmake_prefix_path."""
     _, site, _ = fresh_env
     prefix = fresh_run(fresh_env, "import torch_sparsity; print(torch_sparsity.cmake_prefix_path)").stdout.strip()
     assert prefix == str(site / "torch_sparsity")
-    program = build_consumer(tmp_path, prefix)
-    cache = (tmp_path / "build" / "CMakeCache.txt").read_text()
+    return build_consumer(tmp_path_factory.mktemp("wheel-consumer"), prefix), prefix
+
+
+def test_cpp_consumer_with_no_standard_found_through_cmake_prefix_path(fresh_env, saved_resnet18, wheel_consumer):
+    _, site, _ = fresh_env
+    build, prefix = wheel_consumer
+    program = build / "run_pruned_model"
+    cache = (build / "CMakeCache.txt").read_text()
     assert f"TorchSparsity_DIR:PATH={prefix}/lib/cmake/TorchSparsity" in cache
     assert f"Torch_DIR:PATH={site}/torch/share/cmake/Torch" in cache  # torch next to the package
     out = run([program, *saved_resnet18])
     assert "max |C++ - Python| output 0," in out and "weight gradients (62 tensors) 0" in out, out
+
+
+def test_aoti_package_from_python_and_cpp(fresh_env, wheel_consumer):
+    """A pruned model compiled to an AOTInductor package by the fresh
+    environment, run there with a mask replaced, then by the C++ program
+    built against the wheel (linking TorchSparsity::torch_sparsity is all it
+    does to get the operators that the package calls)."""
+    _, _, work = fresh_env
+    fresh_run(fresh_env, """
+        import sys, torch
+        from torch import nn
+        import torch_sparsity
+        from torch_sparsity import aoti
+        from torch_sparsity.convert import convert
+        from torch_sparsity.sparsifiers import prune_with_weight_norm
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+        prune_with_weight_norm(model, 0.5)
+        converted = convert(model, target="export")
+        x = torch.randn(2, 3, 6, 6)
+        runner = aoti.load(aoti.compile(converted, (x,), sys.argv[1] + "/small.pt2"))
+        with torch.no_grad():
+            expected = converted(x)
+            assert (runner(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+            torch_sparsity.masks(converted)["3.weight"].zero_()
+            zeroed = converted(x)
+        runner.set_mask("3.weight", torch.zeros(5, 64, dtype=torch.bool))
+        assert (runner(x) - zeroed).abs().max() <= 1e-5 * zeroed.abs().max()
+        class Tensors(nn.Module):
+            def __init__(self, tensors):
+                super().__init__()
+                for name, t in tensors.items():
+                    self.register_buffer(name, t.clone())
+            def forward(self):
+                return 0
+        torch.jit.script(Tensors({"input": x, "output": expected, "output_zeroed": zeroed})).save(
+            sys.argv[1] + "/small_expected.pt")
+    """, work)
+    program = wheel_consumer[0] / "run_pruned_package"
+    out = run([program, work / "small.pt2", work / "small_expected.pt", "3.weight"])
+    assert "masks: 2\n" in out and "float mask refused: yes" in out, out
 
 
 def test_refuses_another_torch_before_loading(fresh_env):

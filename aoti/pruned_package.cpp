@@ -1,0 +1,158 @@
+#include "aoti/pruned_package.h"
+
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <exception>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+#include <utility>
+
+namespace sparsity::aoti {
+namespace {
+
+constexpr const char* kMaskSuffix = "_mask";
+constexpr const char* kOriginalSuffix = "_original";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// tensor fqn -> constant fqn, from "fqn=constant;fqn=constant".
+std::map<std::string, std::string> parse_masks_metadata(const std::string& text) {
+  std::map<std::string, std::string> result;
+  std::stringstream entries(text);
+  std::string entry;
+  while (std::getline(entries, entry, ';')) {
+    if (entry.empty()) {
+      continue;
+    }
+    const auto eq = entry.find('=');
+    TORCH_CHECK(eq != std::string::npos && eq > 0 && eq + 1 < entry.size(),
+        "PrunedPackage: malformed metadata entry '", entry, "' under ", PrunedPackage::kMasksMetadataKey);
+    result.emplace(entry.substr(0, eq), entry.substr(eq + 1));
+  }
+  return result;
+}
+
+// Without metadata: convert's naming, "<T>_mask" next to "<T>_original".
+std::map<std::string, std::string> masks_by_naming(const std::vector<std::string>& constants) {
+  const std::set<std::string> names(constants.begin(), constants.end());
+  std::map<std::string, std::string> result;
+  for (const auto& constant : constants) {
+    if (!ends_with(constant, kMaskSuffix)) {
+      continue;
+    }
+    const std::string fqn = constant.substr(0, constant.size() - std::string(kMaskSuffix).size());
+    if (names.count(fqn + kOriginalSuffix)) {
+      result.emplace(fqn, constant);
+    }
+  }
+  return result;
+}
+
+} // namespace
+
+PrunedPackage::PrunedPackage(const std::string& package_path, const std::string& model_name) {
+  try {
+    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package_path, model_name);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "PrunedPackage: cannot load '", package_path, "': ", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "PrunedPackage: cannot load '", package_path, "': ", e.what());
+  }
+  const auto metadata = loader_->get_metadata();
+  const auto recorded = metadata.find(kMasksMetadataKey);
+  const auto constants = loader_->get_constant_fqns();
+  const auto by_fqn = recorded != metadata.end() ? parse_masks_metadata(recorded->second) : masks_by_naming(constants);
+  // The values the compiled model starts with, by constant fqn.
+  const auto values = loader_->get_runner()->extract_constants_map(/*use_inactive=*/false);
+  for (const auto& [fqn, constant] : by_fqn) {
+    const auto value = values.find(constant);
+    TORCH_CHECK(value != values.end(), "PrunedPackage: '", package_path, "' names '", constant,
+        "' as the mask of ", fqn, ", but the compiled model has no such constant (AOTInductor inlines tensors of "
+        "8 or fewer elements unless compiled with always_keep_tensor_constants, as torch_sparsity.aoti.compile does)");
+    masks_.emplace(fqn, Mask{constant, value->second.clone()});
+  }
+}
+
+PrunedPackage::~PrunedPackage() = default;
+
+std::vector<at::Tensor> PrunedPackage::run(const std::vector<at::Tensor>& inputs) {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return loader_->run(inputs);
+}
+
+std::vector<std::string> PrunedPackage::mask_names() const {
+  std::vector<std::string> names;
+  names.reserve(masks_.size());
+  for (const auto& entry : masks_) {
+    names.push_back(entry.first);
+  }
+  return names;
+}
+
+const PrunedPackage::Mask& PrunedPackage::find(const std::string& fqn, const char* caller) const {
+  const auto it = masks_.find(fqn);
+  if (it == masks_.end()) {
+    std::string names;
+    size_t shown = 0;
+    for (const auto& entry : masks_) {
+      if (shown == 8) {
+        names += ", ... (" + std::to_string(masks_.size()) + " in all)";
+        break;
+      }
+      names += (shown++ ? ", " : "") + entry.first;
+    }
+    TORCH_CHECK(false, "PrunedPackage.", caller, ": no pruned tensor '", fqn, "' in this package; its pruned tensors: ",
+        names.empty() ? "none" : names);
+  }
+  return it->second;
+}
+
+at::Tensor PrunedPackage::mask(const std::string& fqn) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return find(fqn, "mask").value.clone();
+}
+
+void PrunedPackage::set_mask(const std::string& fqn, const at::Tensor& mask) {
+  // Not while a run reads the constants.
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  const Mask& held = find(fqn, "set_mask");
+  const at::Tensor& current = held.value;
+  TORCH_CHECK(mask.defined(), "PrunedPackage.set_mask: the mask of ", fqn, " is an undefined tensor");
+  TORCH_CHECK(mask.layout() == c10::kStrided, "PrunedPackage.set_mask: the mask of ", fqn,
+      " must be a strided (dense) tensor, got layout ", mask.layout());
+  TORCH_CHECK(mask.sizes() == current.sizes(), "PrunedPackage.set_mask: the mask of ", fqn, " has shape ",
+      current.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == current.scalar_type(), "PrunedPackage.set_mask: the mask of ", fqn, " is ",
+      current.scalar_type(), " in this package (AOTInductor compiled its kernels for that dtype), got ",
+      mask.scalar_type());
+  TORCH_CHECK(mask.device() == current.device(), "PrunedPackage.set_mask: the mask of ", fqn, " is on ",
+      current.device(), ", got a mask on ", mask.device());
+  // The package's own layout, filled with the new values: AOTInductor reads
+  // its constants with the strides it compiled for.
+  at::Tensor staged = at::empty_strided(current.sizes(), current.strides(), current.options());
+  staged.copy_(mask);
+  std::unordered_map<std::string, at::Tensor> update{{held.constant, staged}};
+  loader_->load_constants(update, /*use_inactive=*/false, /*check_full_update=*/false, /*user_managed=*/false);
+  masks_.at(fqn).value = std::move(staged);
+}
+
+std::vector<std::string> PrunedPackage::call_spec() {
+  return loader_->get_call_spec();
+}
+
+TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+  m.class_<PrunedPackage>("PrunedPackage")
+      .def(torch::init<std::string, std::string>(), "", {torch::arg("package_path"), torch::arg("model_name") = "model"})
+      .def("run", &PrunedPackage::run)
+      .def("mask_names", &PrunedPackage::mask_names)
+      .def("mask", &PrunedPackage::mask)
+      .def("set_mask", &PrunedPackage::set_mask)
+      .def("call_spec", &PrunedPackage::call_spec);
+}
+
+} // namespace sparsity::aoti

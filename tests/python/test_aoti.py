@@ -1,0 +1,190 @@
+"""torch_sparsity.aoti: AOTInductor packages of models pruned with
+torch.ao.pruning and converted with target="export", run from Python and
+from C++ (sparsity::aoti::PrunedPackage in a program built against the
+installed package), before and after set_mask, against the eager model.
+
+Tolerance: AOTInductor generates its own C++ kernels for everything but
+the convolutions and matrix products (BatchNorm, activations, pooling, fused
+and vectorized), which round differently from ATen's; float32 outputs agree
+within 1e-5 of the output's scale. A dropped mask moves them by far more.
+vit_b_16 and mobilenet_v3_small take minutes to compile here: they are in
+scripts/benchmarks, not in the test suite."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import torch_sparsity
+from cpp_consumer import run
+from end_to_end_models import pruned_model
+from torch_sparsity import aoti
+from torch_sparsity.convert import convert, parametrized_masks
+from torch_sparsity.sparsifiers import prune_with_weight_norm
+
+RTOL = 1e-5
+
+
+def relative_diff(actual, expected) -> float:
+    scale = max(expected.abs().max().item(), 1e-30)
+    return (actual.detach().double() - expected.detach().double()).abs().max().item() / scale
+
+
+def small_model():
+    """Conv, BatchNorm, Linear, and a Linear whose 6-entry weight AOTInductor
+    would inline as a literal if not told to keep every constant."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2),
+        nn.Linear(2, 3),
+    ).eval()
+    prune_with_weight_norm(model, 0.5)
+    return model, torch.randn(2, 3, 6, 6)
+
+
+@pytest.fixture(scope="module", params=["small", "resnet18"])
+def package(request, tmp_path_factory):
+    if request.param == "small":
+        model, example = small_model()
+    else:
+        model, example = pruned_model("resnet18", "weight_norm")
+    converted = convert(model, target="export")
+    path = aoti.compile(converted, (example,), tmp_path_factory.mktemp("aoti") / f"{request.param}.pt2")
+    with torch.no_grad():
+        expected = converted(example)
+    return model, converted, example, expected, path
+
+
+def last_matrix_mask(converted) -> str:
+    return [fqn for fqn, mask in torch_sparsity.masks(converted).items() if mask.dim() >= 2][-1]
+
+
+def test_package_runs_as_the_eager_model(package):
+    model, converted, example, expected, path = package
+    runner = aoti.load(path)
+    assert runner.mask_names() == sorted(parametrized_masks(model))
+    with torch.no_grad():
+        assert relative_diff(runner(example), model(example)) <= RTOL
+    for fqn in runner.mask_names():
+        assert torch.equal(runner.mask(fqn), torch_sparsity.masks(converted)[fqn]), fqn
+
+
+def test_set_mask_changes_the_next_runs_as_in_eager(package):
+    _, converted, example, expected, path = package
+    runner = aoti.load(path)
+    fqn = last_matrix_mask(converted)
+    eager_mask = torch_sparsity.masks(converted)[fqn]
+    new_mask = torch.rand(eager_mask.shape) > 0.8
+    saved = eager_mask.clone()
+    try:
+        eager_mask.copy_(new_mask)
+        with torch.no_grad():
+            eager_changed = converted(example)
+    finally:
+        eager_mask.copy_(saved)
+    assert relative_diff(eager_changed, expected) > 1e-3
+    runner.set_mask(fqn, new_mask)
+    assert relative_diff(runner(example), eager_changed) <= RTOL
+    assert torch.equal(runner.mask(fqn), new_mask)
+    # A non-contiguous view with the same values works too.
+    runner.set_mask(fqn, saved.t().contiguous().t())
+    assert relative_diff(runner(example), expected) <= RTOL
+
+
+def test_mask_returns_a_copy(package):
+    _, converted, example, expected, path = package
+    runner = aoti.load(path)
+    fqn = last_matrix_mask(converted)
+    runner.mask(fqn).zero_()
+    assert relative_diff(runner(example), expected) <= RTOL
+
+
+def bad_masks(mask):
+    return {
+        "unknown fqn": ("no.such.weight", mask, r"no pruned tensor 'no.such.weight' in this package; its pruned tensors: "),
+        "shape": (None, mask[:1], r"has shape \[.*\], got \[1, "),
+        "dtype float": (None, mask.float(), r"is Bool in this package \(AOTInductor compiled its kernels for that dtype\), got Float"),
+        "dtype uint8": (None, mask.to(torch.uint8), r"is Bool in this package .*got Byte"),
+        "device": (None, mask.to("meta"), r"is on cpu, got a mask on meta"),
+        "sparse": (None, mask.to_sparse(), r"must be a strided \(dense\) tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_masks(torch.ones(2, 2, dtype=torch.bool))))
+def test_bad_set_mask_raises_and_changes_nothing(package, case):
+    _, converted, example, expected, path = package
+    runner = aoti.load(path)
+    fqn = last_matrix_mask(converted)
+    name, bad, message = bad_masks(runner.mask(fqn))[case]
+    with pytest.raises(RuntimeError, match=message):
+        runner.set_mask(name or fqn, bad)
+    assert relative_diff(runner(example), expected) <= RTOL
+    assert torch.equal(runner.mask(fqn), torch_sparsity.masks(converted)[fqn])
+
+
+def test_set_mask_needs_a_tensor(package):
+    runner = aoti.load(package[4])
+    with pytest.raises(TypeError, match="set_mask expects a Tensor"):
+        runner.set_mask(runner.mask_names()[0], [[True]])
+
+
+def test_small_constants_stay_masks():
+    model, example = small_model()
+    converted = convert(model, target="export")
+    assert torch_sparsity.masks(converted)["5.weight"].numel() == 6
+
+
+def test_cpp_program_runs_the_package_and_sets_a_mask(package, installed_consumer, tmp_path):
+    _, converted, example, expected, path = package
+    fqn = last_matrix_mask(converted)
+    mask = torch_sparsity.masks(converted)[fqn]
+    saved = mask.clone()
+    try:
+        mask.zero_()
+        with torch.no_grad():
+            zeroed = converted(example)
+    finally:
+        mask.copy_(saved)
+
+    class Tensors(nn.Module):
+        def __init__(self, tensors):
+            super().__init__()
+            for name, t in tensors.items():
+                self.register_buffer(name, t.detach().clone())
+
+        def forward(self):
+            return 0
+
+    torch.jit.script(Tensors({"input": example, "output": expected, "output_zeroed": zeroed})).save(
+        str(tmp_path / "expected.pt")
+    )
+    out = run([installed_consumer / "run_pruned_package", path, tmp_path / "expected.pt", fqn])
+    print(out)
+    assert f"masks: {len(torch_sparsity.masks(converted))}\n" in out
+    assert "float mask refused: yes" in out
+
+
+def test_package_of_a_model_without_masks_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("convert(model, target='export') first")):
+        aoti.compile(nn.Linear(3, 2), (torch.randn(1, 3),), tmp_path / "dense.pt2")
+
+
+def test_package_written_without_the_metadata_finds_masks_by_name(tmp_path):
+    """A package compiled with torch's own aoti_compile_and_package (no
+    torch_sparsity metadata) still gives its masks, by convert's naming."""
+    model, example = small_model()
+    converted = convert(model, target="export")
+    program = torch.export.export(converted, (example,))
+    path = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "plain.pt2"), inductor_configs={"always_keep_tensor_constants": True}
+    )
+    runner = aoti.load(path)
+    assert runner.mask_names() == sorted(parametrized_masks(model))
+    with torch.no_grad():
+        assert relative_diff(runner(example), converted(example)) <= RTOL
+
+
+def test_missing_package_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match=re.escape(f"PrunedPackage: cannot load '{tmp_path / 'none.pt2'}'")):
+        aoti.load(tmp_path / "none.pt2")
