@@ -219,6 +219,10 @@ double FakeSparsity::sparsity_level() const {
   return static_cast<double>(numel - nonzero) / static_cast<double>(numel);
 }
 
+std::tuple<std::tuple<std::string, at::Tensor>> FakeSparsity::obj_flatten() const {
+  return {{"mask", mask_}};
+}
+
 FakeSparsity::State FakeSparsity::get_state() const {
   // A copy, not the held tensor: TorchScript's deepcopy passes this state
   // straight to __setstate__, and a deep copy must not share its mask.
@@ -267,6 +271,7 @@ TORCH_LIBRARY_FRAGMENT(sparsity, m) {
       .def("clear_cache", &FakeSparsity::clear_cache)
       .def("cache_hits", &FakeSparsity::cache_hits)
       .def_property("mask", &FakeSparsity::mask)
+      .def("__obj_flatten__", &FakeSparsity::obj_flatten)
       .def_pickle(
           [](const c10::intrusive_ptr<FakeSparsity>& self) {
             return self->get_state();

@@ -64,6 +64,11 @@ class FakeSparsity : public torch::CustomClassHolder {
   // Forwards answered from the cache since construction.
   int64_t cache_hits() const;
 
+  // For torch.export and torch.compile: (("mask", the held mask),), from
+  // which the fake class that torch_sparsity registers in Python rebuilds a
+  // stand-in holding a fake mask.
+  std::tuple<std::tuple<std::string, at::Tensor>> obj_flatten() const;
+
   State get_state() const;
   static c10::intrusive_ptr<FakeSparsity> from_state(State state);
 

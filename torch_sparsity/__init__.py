@@ -112,4 +112,5 @@ if _build_info is not None and not os.environ.get("TORCH_SPARSITY_LIBRARY"):
     _check_torch_version()
 load_library()
 
+from . import _fake_classes  # noqa: E402,F401  (needs the library's classes)
 from .convert import masks  # noqa: E402  (needs load_library above)

@@ -442,13 +442,22 @@ def fake_sparsities(model) -> Dict[str, "torch.ScriptObject"]:
     return result
 
 
+_FAKE_SPARSITY_TYPE = "__torch__.torch.classes.sparsity.FakeSparsity"
+
+
 def _exported_masks(program) -> Dict[str, torch.Tensor]:
     """The masks of an ExportedProgram: the second input of every
-    ``fake_sparsity`` call, by the fqn of the tensor in its first input."""
+    ``fake_sparsity`` call, by the fqn of the tensor in its first input;
+    and those of the FakeSparsity objects it holds (a TorchScript-target
+    model exported for inference), by the fqn of the tensor they prune."""
+    result = {}
+    for name, constant in program.constants.items():
+        if isinstance(constant, torch.ScriptObject) and constant._type().qualified_name() == _FAKE_SPARSITY_TYPE:
+            if name.endswith(SPARSITY_SUFFIX):
+                result[name[: -len(SPARSITY_SUFFIX)]] = constant.mask
     signature = program.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     tensors = {**program.state_dict, **program.constants}
-    result = {}
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.sparsity.fake_sparsity.default:
             continue
@@ -464,8 +473,9 @@ def _exported_masks(program) -> Dict[str, torch.Tensor]:
 def masks(obj) -> Dict[str, torch.Tensor]:
     """The live masks by tensor fqn (``"layer1.0.conv1.weight"``) of a
     converted model of either target, eager or scripted, or of an
-    ``ExportedProgram`` made from an export-target model. Writing into one
-    (``masks(m)[fqn][:8] = 0``) changes the next output."""
+    ``ExportedProgram`` made from one (a TorchScript-target model exports
+    non-strict, for inference). Writing into one (``masks(m)[fqn][:8] = 0``)
+    changes the next output."""
     if isinstance(obj, torch.export.ExportedProgram):
         return _exported_masks(obj)
     if not isinstance(obj, nn.Module):
