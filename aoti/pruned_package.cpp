@@ -141,6 +141,17 @@ void PrunedPackage::set_mask(const std::string& fqn, const at::Tensor& mask) {
   masks_.at(fqn).value = std::move(staged);
 }
 
+std::optional<at::Tensor> PrunedPackage::original(const std::string& fqn) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  find(fqn, "original");
+  const auto values = loader_->get_runner()->extract_constants_map(/*use_inactive=*/false);
+  const auto it = values.find(fqn + kOriginalSuffix);
+  if (it == values.end()) {
+    return std::nullopt;
+  }
+  return it->second.clone();
+}
+
 std::vector<std::string> PrunedPackage::call_spec() {
   return loader_->get_call_spec();
 }

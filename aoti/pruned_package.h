@@ -16,6 +16,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -54,6 +55,11 @@ class PrunedPackage : public torch::CustomClassHolder {
   // dtype: a float tensor in a bool constant gives wrong results and writes
   // out of bounds). On any error nothing changes.
   void set_mask(const std::string& fqn, const at::Tensor& mask);
+
+  // A copy of the tensor the mask of `fqn` applies to, as compiled into the
+  // package (its "<fqn>_original" constant), for re-pruning by magnitude;
+  // nullopt when the package has no such constant.
+  std::optional<at::Tensor> original(const std::string& fqn) const;
 
   // The package's input and output tree specs (torch.utils._pytree), for
   // Python callers that pass nested structures.

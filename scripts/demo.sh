@@ -29,7 +29,7 @@ mkdir -p "$demo_dir"
 
 echo "== Python: prune resnet18 (random weights) to 50% with WeightNormSparsifier, convert, script, save"
 "$PYTHON" -W ignore::FutureWarning -m torch_sparsity.convert --model torchvision.models:resnet18 --sparsity 0.5 \
-  --output "$demo_dir/resnet18_pruned.pt" --input-shape 1,3,224,224 \
+  --output "$demo_dir/resnet18_pruned.pt" --aoti-package "$demo_dir/resnet18_pruned.pt2" --input-shape 1,3,224,224 \
   --save-input "$demo_dir/input.pt" --save-output "$demo_dir/eager_output.pt" --benchmark "$runs" \
   | tee "$demo_dir/python.log"
 
@@ -37,6 +37,16 @@ echo "== C++: $sparsity_run on the saved model"
 "$sparsity_run" "$demo_dir/resnet18_pruned.pt" --input "$demo_dir/input.pt" \
   --expect "$demo_dir/eager_output.pt" --atol 1e-5 --runs "$runs" \
   --squash --save "$demo_dir/resnet18_squashed.pt" | tee "$demo_dir/cpp.log"
+
+echo "== C++: $sparsity_run on the AOTInductor package of the same pruned model"
+"$sparsity_run" "$demo_dir/resnet18_pruned.pt2" --input "$demo_dir/input.pt" \
+  --expect "$demo_dir/eager_output.pt" --atol 1e-4 --runs "$runs" | tee "$demo_dir/aoti.log"
+echo "== C++: the package again, with the mask of fc.weight replaced from a file (90% zeros)"
+"$PYTHON" -c 'import sys, torch; torch.manual_seed(1); torch.save(torch.rand(1000, 512) > 0.9, sys.argv[1])' \
+  "$demo_dir/fc_mask.pt"
+"$sparsity_run" "$demo_dir/resnet18_pruned.pt2" --set-mask "fc.weight=$demo_dir/fc_mask.pt" \
+  --input "$demo_dir/input.pt" --expect "$demo_dir/eager_output.pt" --runs 1 \
+  | grep -E "^set the mask|^  fc.weight|^max" | tee "$demo_dir/aoti_set_mask.log"
 
 # The figures, gathered from both logs.
 field() { sed -n "s/$1/\\1/p" "$2" | head -1; }
@@ -47,13 +57,19 @@ squashed_py_ms=$(echo "$python_times" | sed -n 's/.*scripted and squashed \([0-9
 scripted_cpp_ms=$(field 'median inference time over [0-9]* runs: \([0-9.]*\) ms' "$demo_dir/cpp.log")
 squashed_cpp_ms=$(field '.*squashed model:.*median inference time \([0-9.]*\) ms' "$demo_dir/cpp.log")
 cpp_diff=$(field 'max |output - expected| = \(.*\)' "$demo_dir/cpp.log")
+aoti_diff=$(field 'max |output - expected| = \(.*\)' "$demo_dir/aoti.log")
+aoti_ms=$(field 'median inference time over [0-9]* runs: \([0-9.]*\) ms' "$demo_dir/aoti.log")
+aoti_set_diff=$(field 'max |output - expected| = \(.*\)' "$demo_dir/aoti_set_mask.log")
 overall=$(field '.*all pruned tensors: \(.*\)' "$demo_dir/cpp.log")
 echo
 echo "== summary: resnet18, random weights, WeightNormSparsifier 50%, input 1x3x224x224, $OMP_NUM_THREADS thread(s)"
 echo "pruned tensors (per layer above): $overall"
-echo "max |C++ output - eager Python output|: $cpp_diff"
+echo "max |C++ output - eager Python output|: $cpp_diff (TorchScript), $aoti_diff (AOTInductor package);"
+echo "  with fc.weight's mask replaced in the package: $aoti_set_diff (the masks are live)"
 echo "median inference time over $runs runs:"
 printf '  %-38s %10s ms\n' "eager parametrized model (Python)" "$eager_ms" \
   "scripted plugin model (Python)" "$scripted_py_ms" "scripted plugin model (C++)" "$scripted_cpp_ms" \
-  "squashed model (Python)" "$squashed_py_ms" "squashed model (C++)" "$squashed_cpp_ms"
-echo "files: $demo_dir/resnet18_pruned.pt (masks live), $demo_dir/resnet18_squashed.pt (no masks)"
+  "squashed model (Python)" "$squashed_py_ms" "squashed model (C++)" "$squashed_cpp_ms" \
+  "AOTInductor package, masks live (C++)" "$aoti_ms"
+echo "files: $demo_dir/resnet18_pruned.pt (masks live), $demo_dir/resnet18_pruned.pt2 (AOTInductor, masks live),"
+echo "  $demo_dir/resnet18_squashed.pt (no masks)"

@@ -1,11 +1,14 @@
 // sparsity_run: the C++ side of a pruned model's trip to LibTorch. It loads a
 // TorchScript model whose pruned tensors go through
 // torch.classes.sparsity.FakeSparsity (as `python -m torch_sparsity.convert`
-// writes them), lists the pruned tensors, can change their masks, runs and
-// times inference, squashes the masks into the weights and saves the result.
+// writes them), or an AOTInductor package of a model converted with
+// target="export" (torch_sparsity.aoti.compile), lists the pruned tensors,
+// can change their masks, runs and times inference, and for TorchScript
+// models squashes the masks into the weights and saves the result.
 // `sparsity_run --help` describes the options; docs/end_to_end.md
 // the layout it reads.
 
+#include "aoti/pruned_package.h"
 #include "classes/fake_sparsity_class.h"
 #include "ops/fake_sparsity.h"
 #include "ops/module_utils.h"
@@ -23,6 +26,8 @@
 #include <iomanip>
 #include <iostream>
 #include <iterator>
+#include <limits>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -32,12 +37,14 @@
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: sparsity_run MODEL.pt [options]
+constexpr const char* kUsage = R"(usage: sparsity_run MODEL.pt|PACKAGE.pt2 [options]
 
-Loads a TorchScript model pruned with torch.classes.sparsity.FakeSparsity,
-applies the mask changes asked for, prints each pruned tensor's fqn, shape and
-sparsity, runs inference if an input is given, squashes and saves if asked,
-in that order.
+Loads a TorchScript model pruned with torch.classes.sparsity.FakeSparsity, or
+an AOTInductor package (.pt2) written by torch_sparsity.aoti.compile, applies
+the mask changes asked for, prints each pruned tensor's fqn, shape and
+sparsity, runs inference if an input is given, squashes and saves if asked
+(TorchScript models only), in that order. A package's masks change for this
+run only.
 
 masks:
   --set-mask FQN=FILE  set the mask of pruned tensor FQN (e.g. layer1.0.conv1.weight)
@@ -267,21 +274,32 @@ std::string shape_string(at::IntArrayRef sizes) {
   return text.str();
 }
 
-// ---------------------------------------------------------------- pruned tensors
+// ------------------------------------------------------------------ models
 
 constexpr const char* kSparsitySuffix = "_sparsity";
 constexpr const char* kOriginalSuffix = "_original";
 
-// One pruned tensor: `owner.<name>_sparsity` is its FakeSparsity object, and
-// the tensor the mask applies to is `owner.<name>_original` (the converter's
-// layout) or else `owner.<name>` (a hand-written module that calls
-// `self.<name>_sparsity.forward(self.<name>)`).
-struct PrunedTensor {
-  std::string fqn;
-  torch::jit::Module owner;
-  std::string name;
-  at::Tensor tensor;
-  c10::intrusive_ptr<sparsity::FakeSparsity> sparsity;
+// What the commands need of a pruned model, a TorchScript module or an
+// AOTInductor package: its pruned tensors by index, their masks, and forward.
+class PrunedModel {
+ public:
+  virtual ~PrunedModel() = default;
+  const std::vector<std::string>& fqns() const { return fqns_; }
+  virtual std::vector<int64_t> shape(size_t i) const = 0;
+  // The mask in use.
+  virtual at::Tensor mask(size_t i) const = 0;
+  // Replaces the mask's values (in the mask's own dtype, as copy_ converts);
+  // throws c10::Error and changes nothing when it does not fit.
+  virtual void set_mask(size_t i, const at::Tensor& mask) = 0;
+  // The tensor the mask applies to, before masking.
+  virtual at::Tensor values(size_t i) const = 0;
+  virtual at::Tensor forward(const at::Tensor& input) = 0;
+  // Multiplies each mask into its tensor and drops the masks.
+  virtual void squash() = 0;
+  virtual void save(const std::string& path) = 0;
+
+ protected:
+  std::vector<std::string> fqns_;
 };
 
 bool is_fake_sparsity(const c10::IValue& value) {
@@ -293,73 +311,233 @@ bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() > suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-std::vector<PrunedTensor> find_pruned_tensors(const torch::jit::Module& model) {
-  std::vector<PrunedTensor> found;
-  for (const auto& module : model.named_modules()) {
-    if (!sparsity::utils::module_contains_param(module.value, "FakeSparsity")) {
-      continue;
-    }
-    for (const auto& attribute : module.value.named_attributes(/*recurse=*/false)) {
-      if (!is_fake_sparsity(attribute.value) || !ends_with(attribute.name, kSparsitySuffix)) {
-        continue;
-      }
-      const std::string name = attribute.name.substr(0, attribute.name.size() - std::string(kSparsitySuffix).size());
-      c10::IValue tensor = sparsity::utils::fqn_to_module(module.value, name + kOriginalSuffix);
-      if (!tensor.isTensor()) {
-        tensor = sparsity::utils::fqn_to_module(module.value, name);
-      }
-      if (!tensor.isTensor()) {
-        std::cerr << "warning: " << (module.name.empty() ? "" : module.name + ".") << attribute.name
-                  << " has no tensor " << name << kOriginalSuffix << " or " << name << " to apply to; skipped\n";
-        continue;
-      }
-      PrunedTensor pruned;
-      pruned.fqn = module.name.empty() ? name : module.name + "." + name;
-      pruned.owner = module.value;
-      pruned.name = name;
-      pruned.tensor = tensor.toTensor();
-      pruned.sparsity = attribute.value.toCustomClass<sparsity::FakeSparsity>();
-      found.push_back(std::move(pruned));
-    }
-  }
-  return found;
+std::string inference_error(const at::Tensor& input, const std::string& what) {
+  return "inference failed on an input of shape " + shape_string(input.sizes()) + ": " + what;
 }
 
-PrunedTensor& find_by_fqn(std::vector<PrunedTensor>& pruned, const std::string& fqn) {
-  for (auto& tensor : pruned) {
-    if (tensor.fqn == fqn) {
-      return tensor;
+// A TorchScript model: each pruned tensor is a FakeSparsity object held next
+// to its tensor, found with the module utilities' C++ API.
+class ScriptedModel : public PrunedModel {
+ public:
+  explicit ScriptedModel(const std::string& path) {
+    try {
+      model_ = torch::jit::load(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot load the model '" + path + "': " + error.what_without_backtrace());
+    }
+    model_.eval();
+    find_pruned_tensors();
+  }
+
+  std::vector<int64_t> shape(size_t i) const override { return pruned_[i].tensor.sizes().vec(); }
+  at::Tensor mask(size_t i) const override { return pruned_[i].sparsity->mask(); }
+  void set_mask(size_t i, const at::Tensor& mask) override {
+    pruned_[i].sparsity->update_mask(mask); // in place: the held mask stays the same tensor
+  }
+  at::Tensor values(size_t i) const override { return pruned_[i].tensor; }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    c10::IValue output;
+    try {
+      output = model_.forward({input});
+    } catch (const c10::Error& error) {
+      throw RunError(inference_error(input, error.what_without_backtrace()));
+    } catch (const std::exception& error) { // errors raised by TorchScript code
+      throw RunError(inference_error(input, error.what()));
+    }
+    if (!output.isTensor()) {
+      throw RunError("the model's forward returned a " + std::string(output.tagKind()) + ", not a tensor");
+    }
+    return output.toTensor();
+  }
+
+  // fake_sparsity_ on each tensor, then the FakeSparsity object is dropped:
+  // the converter declares these attributes Optional, so they can become
+  // None, and the model's code then reads the tensor directly. Checked for
+  // every tensor before any is changed.
+  void squash() override {
+    for (const auto& tensor : pruned_) {
+      const std::string attribute = tensor.name + kSparsitySuffix;
+      if (!c10::NoneType::get()->isSubtypeOf(*tensor.owner.type()->getAttribute(attribute))) {
+        throw RunError(
+            "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
+            " is not declared Optional, so it cannot become None (models written by python -m torch_sparsity.convert "
+            "declare it so)");
+      }
+    }
+    for (auto& tensor : pruned_) {
+      {
+        c10::NoGradGuard no_grad;
+        at::Tensor target = tensor.tensor;
+        sparsity::ops::fake_sparsity_(target, tensor.sparsity->mask());
+      }
+      tensor.owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
+    }
+    std::cout << "squashed " << pruned_.size() << " masks into their tensors; the model holds no masks now\n";
+    pruned_.clear();
+    fqns_.clear();
+  }
+
+  void save(const std::string& path) override {
+    try {
+      model_.save(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot save the model to '" + path + "': " + error.what_without_backtrace());
+    }
+  }
+
+ private:
+  // One pruned tensor: `owner.<name>_sparsity` is its FakeSparsity object,
+  // and the tensor the mask applies to is `owner.<name>_original` (the
+  // converter's layout) or else `owner.<name>` (a hand-written module that
+  // calls `self.<name>_sparsity.forward(self.<name>)`).
+  struct PrunedTensor {
+    std::string fqn;
+    torch::jit::Module owner;
+    std::string name;
+    at::Tensor tensor;
+    c10::intrusive_ptr<sparsity::FakeSparsity> sparsity;
+  };
+
+  void find_pruned_tensors() {
+    for (const auto& module : model_.named_modules()) {
+      if (!sparsity::utils::module_contains_param(module.value, "FakeSparsity")) {
+        continue;
+      }
+      for (const auto& attribute : module.value.named_attributes(/*recurse=*/false)) {
+        if (!is_fake_sparsity(attribute.value) || !ends_with(attribute.name, kSparsitySuffix)) {
+          continue;
+        }
+        const std::string name = attribute.name.substr(0, attribute.name.size() - std::string(kSparsitySuffix).size());
+        c10::IValue tensor = sparsity::utils::fqn_to_module(module.value, name + kOriginalSuffix);
+        if (!tensor.isTensor()) {
+          tensor = sparsity::utils::fqn_to_module(module.value, name);
+        }
+        if (!tensor.isTensor()) {
+          std::cerr << "warning: " << (module.name.empty() ? "" : module.name + ".") << attribute.name
+                    << " has no tensor " << name << kOriginalSuffix << " or " << name << " to apply to; skipped\n";
+          continue;
+        }
+        PrunedTensor pruned;
+        pruned.fqn = module.name.empty() ? name : module.name + "." + name;
+        pruned.owner = module.value;
+        pruned.name = name;
+        pruned.tensor = tensor.toTensor();
+        pruned.sparsity = attribute.value.toCustomClass<sparsity::FakeSparsity>();
+        fqns_.push_back(pruned.fqn);
+        pruned_.push_back(std::move(pruned));
+      }
+    }
+  }
+
+  torch::jit::Module model_;
+  std::vector<PrunedTensor> pruned_;
+};
+
+// An AOTInductor package: the masks are constants of the compiled model,
+// replaced through sparsity::aoti::PrunedPackage (for this run only).
+class PackageModel : public PrunedModel {
+ public:
+  explicit PackageModel(const std::string& path) {
+    try {
+      package_ = std::make_unique<sparsity::aoti::PrunedPackage>(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot load the package '" + path + "': " + error.what_without_backtrace());
+    }
+    fqns_ = package_->mask_names();
+  }
+
+  std::vector<int64_t> shape(size_t i) const override { return mask(i).sizes().vec(); }
+  at::Tensor mask(size_t i) const override { return package_->mask(fqns_[i]); }
+  void set_mask(size_t i, const at::Tensor& mask) override {
+    // The package checks the dtype strictly; a file's mask converts to it as
+    // FakeSparsity.update_mask converts (nonzero is True for a bool mask).
+    const at::Tensor held = package_->mask(fqns_[i]);
+    package_->set_mask(fqns_[i], mask.sizes() == held.sizes() ? mask.to(held.scalar_type()) : mask);
+  }
+  at::Tensor values(size_t i) const override {
+    auto original = package_->original(fqns_[i]);
+    if (!original) {
+      throw RunError("--prune: the package has no constant " + fqns_[i] + kOriginalSuffix + " to prune by");
+    }
+    return *original;
+  }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    std::vector<at::Tensor> outputs;
+    try {
+      outputs = package_->run({input});
+    } catch (const c10::Error& error) {
+      throw RunError(inference_error(input, error.what_without_backtrace()));
+    } catch (const std::exception& error) {
+      throw RunError(inference_error(input, error.what()));
+    }
+    if (outputs.size() != 1) {
+      throw RunError("the package's model returned " + std::to_string(outputs.size()) + " tensors, not one");
+    }
+    return outputs[0];
+  }
+
+  void squash() override { throw RunError(kFixedPackage("--squash")); }
+  void save(const std::string&) override { throw RunError(kFixedPackage("--save")); }
+
+  static std::string kFixedPackage(const std::string& option) {
+    return option + " works on TorchScript models only: an AOTInductor package's tensors are compiled in (squash "
+        "the model in Python with torch_sparsity.convert.squash and compile it again)";
+  }
+
+ private:
+  std::unique_ptr<sparsity::aoti::PrunedPackage> package_;
+};
+
+// ------------------------------------------------------------------- masks
+
+size_t find_by_fqn(const PrunedModel& model, const std::string& fqn) {
+  const auto& fqns = model.fqns();
+  for (size_t i = 0; i < fqns.size(); ++i) {
+    if (fqns[i] == fqn) {
+      return i;
     }
   }
   std::string known;
-  for (size_t i = 0; i < pruned.size() && i < 5; ++i) {
-    known += (i ? ", " : "") + pruned[i].fqn;
+  for (size_t i = 0; i < fqns.size() && i < 5; ++i) {
+    known += (i ? ", " : "") + fqns[i];
   }
-  if (pruned.size() > 5) {
+  if (fqns.size() > 5) {
     known += ", ...";
   }
   throw RunError(
       "--set-mask: the model has no pruned tensor '" + fqn + "'" +
-      (pruned.empty() ? std::string(" (it has none)") : " (it has " + known + ")"));
+      (fqns.empty() ? std::string(" (it has none)") : " (it has " + known + ")"));
 }
 
-void set_mask_from_file(PrunedTensor& pruned, const std::string& path) {
-  at::Tensor mask = load_tensor(path, "mask file");
-  const double before = pruned.sparsity->sparsity_level();
-  try {
-    pruned.sparsity->update_mask(mask); // in place: the held mask stays the same tensor
-  } catch (const c10::Error& error) {
-    throw RunError("--set-mask " + pruned.fqn + ": " + error.what_without_backtrace());
+// Fraction of mask entries equal to zero (NaN for an empty mask).
+double sparsity_level(const at::Tensor& mask) {
+  if (mask.numel() == 0) {
+    return std::numeric_limits<double>::quiet_NaN();
   }
-  std::cout << "set the mask of " << pruned.fqn << " from " << path << ": sparsity " << std::fixed
-            << std::setprecision(3) << before << " -> " << pruned.sparsity->sparsity_level() << "\n";
+  const int64_t nonzero = at::count_nonzero(mask).item<int64_t>();
+  return static_cast<double>(mask.numel() - nonzero) / static_cast<double>(mask.numel());
+}
+
+void set_mask_from_file(PrunedModel& model, size_t i, const std::string& path) {
+  at::Tensor mask = load_tensor(path, "mask file");
+  const double before = sparsity_level(model.mask(i));
+  try {
+    model.set_mask(i, mask);
+  } catch (const c10::Error& error) {
+    throw RunError("--set-mask " + model.fqns()[i] + ": " + error.what_without_backtrace());
+  }
+  std::cout << "set the mask of " << model.fqns()[i] << " from " << path << ": sparsity " << std::fixed
+            << std::setprecision(3) << before << " -> " << sparsity_level(model.mask(i)) << "\n";
 }
 
 // Zeroes the mask at the round(level * numel) entries of smallest |tensor|
 // (the tensor before masking, so a mask can grow back), ones elsewhere.
-void prune_by_magnitude(PrunedTensor& pruned, double level) {
+void prune_by_magnitude(PrunedModel& model, size_t i, double level) {
   c10::NoGradGuard no_grad;
-  const at::Tensor magnitude = pruned.tensor.detach().abs().flatten();
+  const at::Tensor tensor = model.values(i);
+  const at::Tensor magnitude = tensor.detach().abs().flatten();
   const int64_t numel = magnitude.numel();
   const auto zeros = static_cast<int64_t>(std::llround(level * static_cast<double>(numel)));
   at::Tensor mask = at::ones({numel}, magnitude.options().dtype(at::kBool));
@@ -367,16 +545,17 @@ void prune_by_magnitude(PrunedTensor& pruned, double level) {
     const at::Tensor smallest = std::get<1>(at::topk(magnitude, zeros, /*dim=*/0, /*largest=*/false));
     mask.index_fill_(0, smallest, false);
   }
-  pruned.sparsity->update_mask(mask.view(pruned.tensor.sizes()));
+  model.set_mask(i, mask.view(tensor.sizes()));
 }
 
-void print_pruned_tensors(const std::vector<PrunedTensor>& pruned) {
+void print_pruned_tensors(const PrunedModel& model) {
+  const auto& fqns = model.fqns();
   size_t width = 3;
-  for (const auto& tensor : pruned) {
-    width = std::max(width, tensor.fqn.size());
+  for (const auto& fqn : fqns) {
+    width = std::max(width, fqn.size());
   }
-  std::cout << "pruned tensors: " << pruned.size() << "\n";
-  if (pruned.empty()) {
+  std::cout << "pruned tensors: " << fqns.size() << "\n";
+  if (fqns.empty()) {
     return;
   }
   std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << "fqn" << "  " << std::setw(18) << "shape"
@@ -384,15 +563,14 @@ void print_pruned_tensors(const std::vector<PrunedTensor>& pruned) {
   int64_t zeros = 0;
   int64_t total = 0;
   int64_t mask_bytes = 0;
-  for (const auto& tensor : pruned) {
-    const at::Tensor mask = tensor.sparsity->mask();
-    const double level = tensor.sparsity->sparsity_level();
+  for (size_t i = 0; i < fqns.size(); ++i) {
+    const at::Tensor mask = model.mask(i);
     zeros += mask.numel() - at::count_nonzero(mask).item<int64_t>();
     total += mask.numel();
     mask_bytes += static_cast<int64_t>(mask.nbytes());
-    std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << tensor.fqn << "  " << std::setw(18)
-              << shape_string(tensor.tensor.sizes()) << std::setw(10) << dtype_name(mask.scalar_type())
-              << std::fixed << std::setprecision(3) << level << "\n";
+    std::cout << "  " << std::left << std::setw(static_cast<int>(width)) << fqns[i] << "  " << std::setw(18)
+              << shape_string(model.shape(i)) << std::setw(10) << dtype_name(mask.scalar_type())
+              << std::fixed << std::setprecision(3) << sparsity_level(mask) << "\n";
   }
   std::cout << "  all pruned tensors: " << zeros << " of " << total << " entries masked ("
             << std::fixed << std::setprecision(3) << (total ? static_cast<double>(zeros) / total : 0.0) << ")\n";
@@ -400,59 +578,17 @@ void print_pruned_tensors(const std::vector<PrunedTensor>& pruned) {
             << " MiB\n";
 }
 
-// fake_sparsity_ on each tensor, then the FakeSparsity object is dropped: the
-// converter declares these attributes Optional, so they can become None, and
-// the model's code then reads the tensor directly. Checked for every tensor
-// before any is changed.
-void squash(std::vector<PrunedTensor>& pruned) {
-  for (const auto& tensor : pruned) {
-    const std::string attribute = tensor.name + kSparsitySuffix;
-    if (!c10::NoneType::get()->isSubtypeOf(*tensor.owner.type()->getAttribute(attribute))) {
-      throw RunError(
-          "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
-          " is not declared Optional, so it cannot become None (models written by python -m torch_sparsity.convert "
-          "declare it so)");
-    }
-  }
-  for (auto& tensor : pruned) {
-    {
-      c10::NoGradGuard no_grad;
-      at::Tensor target = tensor.tensor;
-      sparsity::ops::fake_sparsity_(target, tensor.sparsity->mask());
-    }
-    tensor.owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
-  }
-  std::cout << "squashed " << pruned.size() << " masks into their tensors; the model holds no masks now\n";
-  pruned.clear();
-}
-
 // ---------------------------------------------------------------- inference
-
-at::Tensor forward(torch::jit::Module& model, const at::Tensor& input) {
-  c10::IValue output;
-  try {
-    output = model.forward({input});
-  } catch (const c10::Error& error) {
-    throw RunError(
-        "inference failed on an input of shape " + shape_string(input.sizes()) + ": " + error.what_without_backtrace());
-  } catch (const std::exception& error) { // errors raised by TorchScript code
-    throw RunError("inference failed on an input of shape " + shape_string(input.sizes()) + ": " + error.what());
-  }
-  if (!output.isTensor()) {
-    throw RunError("the model's forward returned a " + std::string(output.tagKind()) + ", not a tensor");
-  }
-  return output.toTensor();
-}
 
 // Median milliseconds of `runs` calls after two warm-up calls (TorchScript's
 // profiling executor optimizes the graph during the first runs).
-double time_forward_ms(torch::jit::Module& model, const at::Tensor& input, int64_t runs) {
-  forward(model, input);
-  forward(model, input);
+double time_forward_ms(PrunedModel& model, const at::Tensor& input, int64_t runs) {
+  model.forward(input);
+  model.forward(input);
   std::vector<double> times;
   for (int64_t i = 0; i < runs; ++i) {
     const auto start = std::chrono::steady_clock::now();
-    forward(model, input);
+    model.forward(input);
     times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());
@@ -471,27 +607,30 @@ double max_abs_diff(const at::Tensor& actual, const at::Tensor& expected, const 
   return (actual.to(at::kDouble) - expected.to(at::kDouble)).abs().max().item<double>();
 }
 
-int run(const Options& options) {
-  torch::jit::Module model;
-  try {
-    model = torch::jit::load(options.model_path);
-  } catch (const c10::Error& error) {
-    throw RunError("cannot load the model '" + options.model_path + "': " + error.what_without_backtrace());
+std::unique_ptr<PrunedModel> load_model(const Options& options) {
+  if (ends_with(options.model_path, ".pt2")) {
+    if (options.squash || !options.save_path.empty()) {
+      throw RunError(PackageModel::kFixedPackage(options.squash ? "--squash" : "--save"));
+    }
+    return std::make_unique<PackageModel>(options.model_path);
   }
-  model.eval();
-  std::vector<PrunedTensor> pruned = find_pruned_tensors(model);
+  return std::make_unique<ScriptedModel>(options.model_path);
+}
+
+int run(const Options& options) {
+  std::unique_ptr<PrunedModel> model = load_model(options);
 
   for (const auto& [fqn, path] : options.set_masks) {
-    set_mask_from_file(find_by_fqn(pruned, fqn), path);
+    set_mask_from_file(*model, find_by_fqn(*model, fqn), path);
   }
   if (options.prune_level) {
-    for (auto& tensor : pruned) {
-      prune_by_magnitude(tensor, *options.prune_level);
+    for (size_t i = 0; i < model->fqns().size(); ++i) {
+      prune_by_magnitude(*model, i, *options.prune_level);
     }
-    std::cout << "re-pruned " << pruned.size() << " tensors by magnitude to sparsity " << *options.prune_level
+    std::cout << "re-pruned " << model->fqns().size() << " tensors by magnitude to sparsity " << *options.prune_level
               << "\n";
   }
-  print_pruned_tensors(pruned);
+  print_pruned_tensors(*model);
 
   bool within_tolerance = true;
   const bool has_input = !options.input_path.empty() || !options.shape.empty();
@@ -505,7 +644,7 @@ int run(const Options& options) {
       input = at::randn(options.shape);
     }
     c10::NoGradGuard no_grad;
-    output = forward(model, input);
+    output = model->forward(input);
     std::cout << "output " << shape_string(output.sizes()) << " for input " << shape_string(input.sizes()) << "\n";
     if (!options.expect_path.empty()) {
       const double diff = max_abs_diff(output, load_tensor(options.expect_path, "expected output file"), options.expect_path);
@@ -520,26 +659,22 @@ int run(const Options& options) {
       save_tensor(output, options.output_path);
     }
     std::cout << "median inference time over " << options.runs << " runs: " << std::fixed << std::setprecision(2)
-              << time_forward_ms(model, input, options.runs) << " ms\n";
+              << time_forward_ms(*model, input, options.runs) << " ms\n";
   }
 
   if (options.squash) {
-    squash(pruned);
+    model->squash();
     if (has_input) {
       c10::NoGradGuard no_grad;
-      const double diff = max_abs_diff(forward(model, input), output, "the output before squashing");
+      const double diff = max_abs_diff(model->forward(input), output, "the output before squashing");
       std::cout << "squashed model: max |output - output before squashing| = " << std::scientific
                 << std::setprecision(3) << diff << std::defaultfloat << ", median inference time " << std::fixed
-                << std::setprecision(2) << time_forward_ms(model, input, options.runs) << " ms\n";
+                << std::setprecision(2) << time_forward_ms(*model, input, options.runs) << " ms\n";
     }
   }
 
   if (!options.save_path.empty()) {
-    try {
-      model.save(options.save_path);
-    } catch (const c10::Error& error) {
-      throw RunError("cannot save the model to '" + options.save_path + "': " + error.what_without_backtrace());
-    }
+    model->save(options.save_path);
     std::cout << "saved the model to " << options.save_path << "\n";
   }
   return within_tolerance ? 0 : 1;

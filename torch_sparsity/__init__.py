@@ -113,4 +113,12 @@ if _build_info is not None and not os.environ.get("TORCH_SPARSITY_LIBRARY"):
 load_library()
 
 from . import _fake_classes  # noqa: E402,F401  (needs the library's classes)
-from .convert import masks  # noqa: E402  (needs load_library above)
+
+
+def masks(obj):
+    """The live masks of a converted model or ExportedProgram by tensor fqn:
+    torch_sparsity.convert.masks (imported when first called, so that
+    ``python -m torch_sparsity.convert`` runs the module only once)."""
+    from .convert import masks as live_masks
+
+    return live_masks(obj)

@@ -605,12 +605,15 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", type=int, default=0, metavar="RUNS",
                         help="time RUNS inferences of the eager parametrized, the scripted and the squashed "
                         "scripted model (needs --input-shape)")
+    parser.add_argument("--aoti-package", metavar="FILE",
+                        help="also convert the pruned model with target='export' and compile it into an AOTInductor "
+                        "package (torch_sparsity.aoti.compile) for the --input-shape input; sparsity_run reads it")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the input (default 0)")
     args = parser.parse_args(argv)
     if args.sparsity is not None and not 0 <= args.sparsity <= 1:
         parser.error(f"--sparsity must be in [0, 1], got {args.sparsity}")
-    if (args.save_input or args.save_output or args.benchmark) and not args.input_shape:
-        parser.error("--save-input, --save-output and --benchmark need --input-shape")
+    if (args.save_input or args.save_output or args.benchmark or args.aoti_package) and not args.input_shape:
+        parser.error("--save-input, --save-output, --benchmark and --aoti-package need --input-shape")
     if args.benchmark < 0:
         parser.error("--benchmark must be a number of runs")
     input_shape = _parse_shape(args.input_shape) if args.input_shape else None
@@ -628,10 +631,10 @@ def main(argv=None) -> int:
     if args.sparsity is not None:
         prune_with_weight_norm(model, args.sparsity)
     elif args.masks:
-        masks = _load(args.masks, "--masks", args.trust_files)
-        if isinstance(masks, dict) and "state" in masks and "groups" in masks:  # a sparsifier's state_dict()
-            masks = {fqn: state["mask"] for fqn, state in masks["state"].items()}
-        prepare_with_masks(model, masks)
+        given = _load(args.masks, "--masks", args.trust_files)
+        if isinstance(given, dict) and "state" in given and "groups" in given:  # a sparsifier's state_dict()
+            given = {fqn: state["mask"] for fqn, state in given["state"].items()}
+        prepare_with_masks(model, given)
     if parametrized_weights:
         # A parametrized model's state_dict() leaves the masks out (as
         # FakeSparsity wants), but its load_state_dict() asks for them.
@@ -673,6 +676,14 @@ def main(argv=None) -> int:
             squashed_ms = _median_ms(lambda: squashed(example), args.benchmark)
             print(f"median inference time over {args.benchmark} runs (Python): eager parametrized {eager_ms:.1f} ms, "
                   f"scripted with the plugin {scripted_ms:.1f} ms, scripted and squashed {squashed_ms:.1f} ms")
+        if args.aoti_package:
+            from . import aoti
+
+            start = time.perf_counter()
+            exportable = convert(model, compact_masks=not args.keep_mask_dtype, target="export")
+            aoti.compile(exportable, (example,), args.aoti_package)
+            print(f"AOTInductor package of the same model ({len(masks(exportable))} masks live) saved to "
+                  f"{args.aoti_package} (compiled in {time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -604,6 +604,23 @@ def test_command_line_prunes_converts_and_saves(small_factory, tmp_path, capsys)
         assert_outputs_equal(loaded(torch.load(tmp_path / "in.pt")), torch.load(tmp_path / "out.pt"))
 
 
+def test_command_line_writes_an_aoti_package_too(small_factory, tmp_path, capsys):
+    from torch_sparsity import aoti
+
+    package = tmp_path / "model.pt2"
+    status = main(["--model", small_factory, "--sparsity", "0.5", "-o", str(tmp_path / "model.pt"),
+                   "--input-shape", "2,3,6,6", "--save-input", str(tmp_path / "in.pt"),
+                   "--save-output", str(tmp_path / "out.pt"), "--aoti-package", str(package)])
+    assert status == 0
+    assert f"AOTInductor package of the same model (2 masks live) saved to {package}" in capsys.readouterr().out
+    runner = aoti.load(package)
+    assert runner.mask_names() == ["0.weight", "4.weight"]
+    assert runner.mask("4.weight").dtype == torch.bool
+    expected = torch.load(tmp_path / "out.pt")
+    output = runner(torch.load(tmp_path / "in.pt"))
+    assert max_abs_diff(output, expected) <= 1e-5 * expected.abs().max().item()
+
+
 def test_command_line_keeps_mask_dtype_on_request(small_factory, tmp_path, capsys):
     out = tmp_path / "model.pt"
     assert main(["--model", small_factory, "--sparsity", "0.5", "-o", str(out), "--keep-mask-dtype"]) == 0
@@ -649,6 +666,7 @@ def test_command_line_masks_and_weights_files(small_factory, tmp_path, form):
     [
         (["--sparsity", "1.5"], "--sparsity must be in"),
         (["--benchmark", "3"], "need --input-shape"),
+        (["--aoti-package", "m.pt2"], "--benchmark and --aoti-package need --input-shape"),
         (["--sparsity", "0.5", "--masks", "m.pt"], "not allowed with argument"),
     ],
 )

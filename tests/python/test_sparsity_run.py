@@ -54,7 +54,7 @@ def run_ok(*args):
 
 def test_help():
     out = run_ok("--help")
-    assert out.startswith("usage: sparsity_run MODEL.pt")
+    assert out.startswith("usage: sparsity_run MODEL.pt|PACKAGE.pt2")
     for option in ["--set-mask", "--prune", "--squash", "--input", "--shape", "--runs", "--expect", "--atol",
                    "--output", "--save"]:
         assert option in out
@@ -227,3 +227,72 @@ def test_bad_arguments_and_files(files, tmp_path, case):
     assert "Exception raised from" not in result.stderr  # messages, not backtraces
     if status == 2:
         assert "sparsity_run --help describes the options" in result.stderr
+
+
+# ------------------------------------------------ AOTInductor packages (.pt2)
+
+
+@pytest.fixture(scope="module")
+def package_files(files, tmp_path_factory):
+    """The same pruned CNN converted with target="export" and compiled into an
+    AOTInductor package; its eager output, and with 4.weight's mask zeroed."""
+    from torch_sparsity import aoti
+
+    paths, eager, example, expected = files
+    folder = tmp_path_factory.mktemp("sparsity_run_pt2")
+    converted = convert(eager, target="export", compact_masks=False)
+    package = aoti.compile(converted, (example,), folder / "model.pt2")
+    mask = converted[4].weight_mask
+    saved = mask.clone()
+    mask.zero_()
+    with torch.no_grad():
+        zeroed = converted(example)
+    mask.copy_(saved)
+    torch.save(zeroed, folder / "zeroed.pt")
+    torch.save(torch.zeros(5, 128), folder / "zeros_float.pt")  # converted to the package's bool
+    return package, folder, converted
+
+
+def test_package_lists_runs_and_compares(files, package_files):
+    paths, _, _, expected = files
+    package, _, converted = package_files
+    out = run_ok(package, "--input", paths["input"], "--expect", paths["expected"], "--atol", 1e-5, "--runs", 2)
+    assert "pruned tensors: 3\n" in out
+    for fqn, dtype in MASK_DTYPES.items():
+        assert re.search(rf"^  {re.escape(fqn)} +\[[0-9, ]+\] +{str(dtype).replace('torch.', '')} ", out, re.M), out
+    assert float(re.search(r"max \|output - expected\| = (\S+)", out).group(1)) <= 1e-5
+    assert "median inference time over 2 runs" in out
+
+
+def test_package_set_mask_and_prune_change_that_run(files, package_files):
+    paths, _, _, _ = files
+    package, folder, _ = package_files
+    out = run_ok(package, "--set-mask", f"4.weight={folder / 'zeros_float.pt'}", "--input", paths["input"],
+                 "--expect", folder / "zeroed.pt", "--atol", 1e-5, "--runs", 1)
+    assert re.search(r"set the mask of 4\.weight from .*: sparsity 0\.\d+ -> 1\.000", out), out
+    out = run_ok(package, "--prune", 0.75, "--shape", "1,3,6,6", "--runs", 1)
+    assert "re-pruned 3 tensors by magnitude to sparsity 0.75" in out
+    assert re.search(r"^  4\.weight +\[5, 128\] +bool +0\.750$", out, re.M), out
+    # For that run only: the file is unchanged.
+    assert float(re.search(r"max \|output - expected\| = (\S+)", run_ok(
+        package, "--input", paths["input"], "--expect", paths["expected"], "--runs", 1)).group(1)) <= 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--squash"], "--squash works on TorchScript models only"),
+    (["--save", "x.pt2"], "--save works on TorchScript models only"),
+    (["--set-mask", "nope.weight=MASK"], "the model has no pruned tensor 'nope.weight' (it has 0.weight, 1.weight, 4.weight)"),
+    (["--set-mask", "0.weight=MASK"], "--set-mask 0.weight: PrunedPackage.set_mask: the mask of 0.weight has shape [8, 3, 3, 3], got [5, 128]"),
+])
+def test_package_refusals(package_files, args, message):
+    package, folder, _ = package_files
+    args = [str(a).replace("MASK", str(folder / "zeros_float.pt")) for a in args]
+    result = sparsity_run(package, *args)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert message in result.stderr, result.stderr
+    assert "Exception raised from" not in result.stderr
+
+
+def test_missing_package(tmp_path):
+    result = sparsity_run(tmp_path / "none.pt2")
+    assert result.returncode == 1 and "cannot load the package '" in result.stderr, result.stderr
