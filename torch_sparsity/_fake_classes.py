@@ -4,11 +4,11 @@ method of a torch.classes.sparsity.FakeSparsity is called under tracing, its
 fake counterpart here computes the result's shape and dtype, and the graph
 records a call of the real object (torch.ops.higher_order.call_torchbind).
 
-That path is for inference. Autograd does not go through call_torchbind (a
-gradient through it was seen to be dropped silently under torch.compile), so
-the fake forward refuses to trace where a gradient would be needed: a
-model converted for training under torch.compile or torch.export is
-convert(model, target="export")."""
+That path is for inference: autograd does not go through call_torchbind
+(issue 11 reports a weight gradient dropped without a word under
+torch.compile), so the fake forward refuses to trace where a gradient would
+be needed. A model to train under torch.compile, or to export for training,
+is convert(model, target="export")."""
 
 import torch
 
