@@ -18,20 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 
 
-class TensorBag(torch.nn.Module):
-    """Carries named tensors to C++ as buffers of a scripted module."""
-
-    def __init__(self, tensors):
-        super().__init__()
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor.detach().clone())
-
-    def forward(self):
-        return 0
-
-
 def write_model(out: Path, name: str, model: torch.nn.Module, example: torch.Tensor):
-    from sparsity_testing import random_weight_masks, sparsify_with_plugin
+    from sparsity_testing import random_weight_masks, save_tensor_bag, sparsify_with_plugin
 
     model.eval()
     sparsify_with_plugin(model, random_weight_masks(model, torch.bool))
@@ -43,7 +31,7 @@ def write_model(out: Path, name: str, model: torch.nn.Module, example: torch.Ten
     grads = torch.autograd.grad(output.square().sum(), list(params.values()))
     tensors = {"input": example, "output": output}
     tensors.update({"grad__" + k.replace(".", "__"): g for k, g in zip(params, grads)})
-    torch.jit.script(TensorBag(tensors)).save(str(out / f"{name}_expected.pt"))
+    save_tensor_bag(out / f"{name}_expected.pt", tensors)
 
 
 def write_bad_states(out: Path):

@@ -77,6 +77,23 @@ def make_mask(shape, dtype, device="cpu", special=False):
     return mask.to(device)
 
 
+class TensorBag(torch.nn.Module):
+    """Carries named tensors to C++ as buffers of a scripted module (the C++
+    tests and tests/consumer read them with torch::jit::load)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.detach().clone())
+
+    def forward(self):
+        return 0
+
+
+def save_tensor_bag(path, tensors: dict) -> None:
+    torch.jit.script(TensorBag(tensors)).save(str(path))
+
+
 def write_patched_archive(src, dst, old: bytes, new: bytes):
     """Copies a torch.jit.save archive, replacing bytes in its data.pkl: a way
     to make files with malformed or future FakeSparsity states."""

@@ -19,6 +19,7 @@ from torch import nn
 import torch_sparsity
 from cpp_consumer import run
 from end_to_end_models import pruned_model
+from sparsity_testing import save_tensor_bag
 from torch_sparsity import aoti
 from torch_sparsity.convert import convert, parametrized_masks
 from torch_sparsity.sparsifiers import prune_with_weight_norm
@@ -146,19 +147,7 @@ def test_cpp_program_runs_the_package_and_sets_a_mask(package, installed_consume
             zeroed = converted(example)
     finally:
         mask.copy_(saved)
-
-    class Tensors(nn.Module):
-        def __init__(self, tensors):
-            super().__init__()
-            for name, t in tensors.items():
-                self.register_buffer(name, t.detach().clone())
-
-        def forward(self):
-            return 0
-
-    torch.jit.script(Tensors({"input": example, "output": expected, "output_zeroed": zeroed})).save(
-        str(tmp_path / "expected.pt")
-    )
+    save_tensor_bag(tmp_path / "expected.pt", {"input": example, "output": expected, "output_zeroed": zeroed})
     out = run([installed_consumer / "run_pruned_package", path, tmp_path / "expected.pt", fqn])
     print(out)
     assert f"masks: {len(torch_sparsity.masks(converted))}\n" in out

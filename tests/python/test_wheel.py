@@ -1,8 +1,9 @@
 """The wheel a user builds: `pip wheel --no-build-isolation .` from this
 checkout, installed into a fresh virtual environment that has nothing but the
 wheel and the packages of this test run's own environment (torch, torchvision
-and their dependencies, linked in; never this checkout nor its editable
-install), and used from a folder outside the checkout: import, the operator
+and their dependencies, linked in; never this checkout's package nor its
+editable install: only the tests' own helper module is read from the
+checkout), and used from a folder outside the checkout: import, the operator
 and the class, a torchvision model pruned, converted, scripted and saved,
 the sparsity_run program on it, and a C++ consumer that sets no C++ standard
 and finds everything through torch_sparsity.cmake_prefix_path alone.
@@ -26,6 +27,7 @@ import torch
 from cpp_consumer import build_consumer, run
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +169,12 @@ def saved_resnet18(fresh_env):
         params = dict(scripted.named_parameters())
         output = scripted(example)
         grads = torch.autograd.grad(output.square().sum(), list(params.values()))
-        class Tensors(torch.nn.Module):
-            def __init__(self, tensors):
-                super().__init__()
-                for name, t in tensors.items():
-                    self.register_buffer(name, t.detach().clone())
-            def forward(self):
-                return 0
         tensors = {"input": example, "output": output}
         tensors.update({"grad__" + k.replace(".", "__"): g for k, g in zip(params, grads)})
-        torch.jit.script(Tensors(tensors)).save(sys.argv[1] + "/resnet18_expected.pt")
-    """, work)
+        sys.path.insert(0, sys.argv[2])  # the tests' helpers (test code only: the package is the wheel's)
+        from sparsity_testing import save_tensor_bag
+        save_tensor_bag(sys.argv[1] + "/resnet18_expected.pt", tensors)
+    """, work, HERE)
     return work / "resnet18.pt", work / "resnet18_expected.pt"
 
 
@@ -256,16 +253,10 @@ def test_aoti_package_from_python_and_cpp(fresh_env, wheel_consumer):
             zeroed = converted(x)
         runner.set_mask("3.weight", torch.zeros(5, 64, dtype=torch.bool))
         assert (runner(x) - zeroed).abs().max() <= 1e-5 * zeroed.abs().max()
-        class Tensors(nn.Module):
-            def __init__(self, tensors):
-                super().__init__()
-                for name, t in tensors.items():
-                    self.register_buffer(name, t.clone())
-            def forward(self):
-                return 0
-        torch.jit.script(Tensors({"input": x, "output": expected, "output_zeroed": zeroed})).save(
-            sys.argv[1] + "/small_expected.pt")
-    """, work)
+        sys.path.insert(0, sys.argv[2])  # the tests' helpers
+        from sparsity_testing import save_tensor_bag
+        save_tensor_bag(sys.argv[1] + "/small_expected.pt", {"input": x, "output": expected, "output_zeroed": zeroed})
+    """, work, HERE)
     program = wheel_consumer[0] / "run_pruned_package"
     out = run([program, work / "small.pt2", work / "small_expected.pt", "3.weight"])
     assert "masks: 2\n" in out and "float mask refused: yes" in out, out
