@@ -54,9 +54,9 @@ def compile(
     ``package_path`` and returns the path. ``model`` is a model converted with
     ``convert(model, target="export")``, exported here (``strict``,
     ``dynamic_shapes`` as for torch.export.export), or an ExportedProgram of
-    one. Every mask stays a constant of its own
-    (``always_keep_tensor_constants``: AOTInductor would inline small ones)
-    so that ``set_mask`` can replace it."""
+    one. Every mask stays a constant of its own, so that ``set_mask`` can
+    replace it: ``always_keep_tensor_constants`` is set, since AOTInductor
+    may otherwise inline tensors of 8 or fewer entries."""
     load_library()
     if isinstance(model, torch.export.ExportedProgram):
         program = model
