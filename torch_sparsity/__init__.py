@@ -74,12 +74,9 @@ def library_path() -> str:
     return str(root / "lib" / _LIBRARY_NAME)
 
 
-def _installed_path(*parts: str) -> Optional[str]:
-    root = _package_root()
-    return str(root.joinpath(*parts)) if root is not None else None
-
-
-cmake_prefix_path = _installed_path()
+_root = _package_root()
+cmake_prefix_path = str(_root) if _root is not None else None
+del _root
 """Put this in CMAKE_PREFIX_PATH to find_package(TorchSparsity); None when the
 library comes from $TORCH_SPARSITY_LIBRARY alone."""
 
