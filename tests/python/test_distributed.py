@@ -44,32 +44,44 @@ def train(model, rank=0, world=1):
         optimizer.step()
 
 
+def _train_and_save(rank, world, target, wrapper, out):
+    from torch_sparsity.convert import convert
+
+    model = convert(pruned_net(), target=target)
+    if wrapper == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[3], model[5]):
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    train(wrapped, rank, world)
+    if wrapper == "fsdp":
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    else:
+        state = model.state_dict()
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in state.items()}, out)
+
+
 def _worker(rank, world, init_file, target, wrapper, out):
     sys.path.insert(0, str(Path(__file__).parent))
     import torch.distributed as dist
 
     import torch_sparsity  # noqa: F401  (the plugin, in this process too)
-    from torch_sparsity.convert import convert
 
     torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = convert(pruned_net(), target=target)
-        if wrapper == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in (model[0], model[3], model[5]):
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        train(wrapped, rank, world)
-        if wrapper == "fsdp":
-            state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
-        else:
-            state = model.state_dict()
-        if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in state.items()}, out)
+        # In a function of its own, so that the DDP/FSDP wrapper and its
+        # reducer are gone before the process group is torn down.
+        _train_and_save(rank, world, target, wrapper, out)
+        # Both ranks idle before either tears down its connections: a rank
+        # that destroyed its group while its peer was still writing its
+        # result was seen to abort in gloo ("terminate called without an
+        # active exception", seen once in CI; not reproduced here).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
