@@ -3,7 +3,11 @@
 ``compile(model, example_inputs, package_path)`` exports a model converted
 with ``convert(model, target="export")`` (or takes its ExportedProgram) and
 compiles it into a ``.pt2`` package; the masks become constants of the
-compiled model, recorded by tensor fqn in the package's metadata.
+compiled model, recorded by tensor fqn in the package's metadata. By default
+(``fold_masks=True``) the package folds each ``mask * T_original`` into a
+weight of its own when it is loaded and again after each ``set_mask``
+(AOTInductor's runtime constant folding), so a forward runs as the squashed
+dense model's does while the masks stay live.
 ``load(package_path)`` returns a ``PrunedRunner``: call it to run the model;
 ``mask_names()``, ``mask(fqn)`` and ``set_mask(fqn, mask)`` read and replace
 the masks, checked (fqn, shape, dtype, device) before the package is touched.
@@ -41,6 +45,12 @@ def _mask_constants(program: "torch.export.ExportedProgram") -> Dict[str, str]:
     return result
 
 
+def _mask_times(x, mask):
+    # fake_sparsity as its contract defines it, in operators that
+    # AOTInductor's constant folding can run.
+    return mask * x
+
+
 def compile(
     model,
     example_inputs: Sequence[Any],
@@ -48,6 +58,7 @@ def compile(
     *,
     dynamic_shapes=None,
     strict: bool = False,
+    fold_masks: bool = True,
     inductor_configs: Optional[Dict[str, Any]] = None,
 ) -> str:
     """Compiles a pruned model into an AOTInductor package at
@@ -56,7 +67,17 @@ def compile(
     ``dynamic_shapes`` as for torch.export.export), or an ExportedProgram of
     one. Every mask stays a constant of its own, so that ``set_mask`` can
     replace it: ``always_keep_tensor_constants`` is set, since AOTInductor
-    may otherwise inline tensors of 8 or fewer entries."""
+    may otherwise inline tensors of 8 or fewer entries.
+
+    ``fold_masks=True`` (the default) writes each ``fake_sparsity(T, mask)``
+    of the program as ``mask * T`` (the operator's very definition, same bits)
+    and turns on ``aot_inductor.use_runtime_constant_folding``: the package
+    computes the masked weights once when loaded, keeps them (one more copy
+    of each pruned tensor in memory), and computes them again on the first
+    run after a ``set_mask``. AOTInductor's folding cannot call custom
+    operators, hence the rewrite. ``fold_masks=False`` keeps the operator in
+    the compiled code, where it runs on every forward (through the proxy
+    executor, so the plugin must be loaded in the running process)."""
     load_library()
     if isinstance(model, torch.export.ExportedProgram):
         program = model
@@ -69,6 +90,9 @@ def compile(
             "convert it with torch_sparsity.convert.convert(model, target='export') first"
         )
     configs = dict(inductor_configs or {})
+    if fold_masks:
+        program = program.run_decompositions({torch.ops.sparsity.fake_sparsity.default: _mask_times})
+        configs.setdefault("aot_inductor.use_runtime_constant_folding", True)
     metadata = dict(configs.pop("aot_inductor.metadata", {}) or {})
     metadata[MASKS_METADATA_KEY] = ";".join(f"{fqn}={constant}" for fqn, constant in sorted(constants.items()))
     configs["aot_inductor.metadata"] = metadata

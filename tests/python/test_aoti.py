@@ -45,14 +45,22 @@ def small_model():
     return model, torch.randn(2, 3, 6, 6)
 
 
-@pytest.fixture(scope="module", params=["small", "resnet18"])
+# (model, fold_masks): the masked weights folded at load and after set_mask
+# (the default), or fake_sparsity called on every run through AOTInductor's
+# proxy executor (which needs the plugin's operators in the running process:
+# the C++ consumer gets them by linking TorchSparsity::torch_sparsity alone).
+@pytest.fixture(scope="module", params=[("small", True), ("small", False), ("resnet18", True)],
+                ids=["small-folded", "small-operator", "resnet18-folded"])
 def package(request, tmp_path_factory):
-    if request.param == "small":
+    name, fold_masks = request.param
+    if name == "small":
         model, example = small_model()
     else:
         model, example = pruned_model("resnet18", "weight_norm")
     converted = convert(model, target="export")
-    path = aoti.compile(converted, (example,), tmp_path_factory.mktemp("aoti") / f"{request.param}.pt2")
+    file_name = f"{name}-{'folded' if fold_masks else 'operator'}.pt2"
+    path = aoti.compile(converted, (example,), tmp_path_factory.mktemp("aoti") / file_name,
+                        fold_masks=fold_masks)
     with torch.no_grad():
         expected = converted(example)
     return model, converted, example, expected, path
@@ -165,6 +173,18 @@ def test_cpp_program_runs_the_package_and_sets_a_mask(package, installed_consume
     print(out)
     assert f"masks: {len(torch_sparsity.masks(converted))}\n" in out
     assert "float mask refused: yes" in out
+
+
+def test_folded_packages_keep_masked_weights_and_the_others_do_not(package):
+    """fold_masks=True: AOTInductor's runtime constant folding keeps the
+    masked weights as constants of their own (_FOLDED_CONST_*), next to the
+    live masks and originals; fold_masks=False: no folded constants, the
+    operator runs on every forward."""
+    path = package[4]
+    constants = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1).get_constant_fqns()
+    folded = [c for c in constants if c.startswith("_FOLDED_CONST_")]
+    assert bool(folded) == Path(path).stem.endswith("-folded"), constants
+    assert all(f + "_mask" in constants for f in aoti.load(path).mask_names())
 
 
 def test_package_of_a_model_without_masks_is_refused(tmp_path):
