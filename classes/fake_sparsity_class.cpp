@@ -24,20 +24,6 @@ uint32_t version_of(const at::Tensor& t) {
   return t.unsafeGetTensorImpl()->version_counter().current_version();
 }
 
-void check_mask(const char* where, const at::Tensor& mask) {
-  TORCH_CHECK(mask.defined(), where, ": mask is an undefined tensor");
-  TORCH_CHECK(
-      mask.layout() == at::kStrided,
-      where,
-      ": mask must be a strided (dense) tensor, but got layout ",
-      mask.layout());
-  TORCH_CHECK(
-      ops::detail::is_supported_mask_dtype(mask.scalar_type()),
-      where,
-      ": mask must be bool, uint8 or floating (float32, float64, float16, bfloat16), but got ",
-      mask.scalar_type());
-}
-
 // Dispatch keys of something that must see every call: Python tensor
 // subclasses and dispatch modes (FakeTensor, TorchDispatchMode),
 // functionalization, functorch transforms. A cached answer would hide the
@@ -90,7 +76,7 @@ bool can_copy_on_write(const at::Tensor& t) {
 
 } // namespace
 
-FakeSparsity::Stamp::Stamp(const at::Tensor& t)
+MaskHolder::Stamp::Stamp(const at::Tensor& t)
     : impl(t.getIntrusivePtr()),
       storage(t.storage().getWeakStorageImpl()),
       storage_offset(t.storage_offset()),
@@ -100,7 +86,7 @@ FakeSparsity::Stamp::Stamp(const at::Tensor& t)
       device(t.device()),
       version(version_of(t)) {}
 
-bool FakeSparsity::Stamp::matches(const at::Tensor& t) const {
+bool MaskHolder::Stamp::matches(const at::Tensor& t) const {
   // The weak references keep both addresses from being reused, so equal
   // pointers mean the same live objects.
   return impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
@@ -110,12 +96,34 @@ bool FakeSparsity::Stamp::matches(const at::Tensor& t) const {
       device == t.device() && version == version_of(t);
 }
 
-FakeSparsity::FakeSparsity(at::Tensor mask) {
-  check_mask("FakeSparsity", mask);
+void MaskHolder::check_mask(const char* where, const at::Tensor& mask) const {
+  TORCH_CHECK(mask.defined(), kind_.class_name, where, ": mask is an undefined tensor");
+  TORCH_CHECK(
+      mask.layout() == at::kStrided,
+      kind_.class_name,
+      where,
+      ": mask must be a strided (dense) tensor, but got layout ",
+      mask.layout());
+  TORCH_CHECK(
+      ops::detail::is_supported_mask_dtype(mask.scalar_type()),
+      kind_.class_name,
+      where,
+      ": mask must be bool, uint8 or floating (float32, float64, float16, bfloat16), but got ",
+      mask.scalar_type());
+  TORCH_CHECK(
+      !kind_.row_mask || mask.dim() == 1,
+      kind_.class_name,
+      where,
+      ": mask must be 1-d, one entry per slice along dim 0, but got shape ",
+      mask.sizes());
+}
+
+MaskHolder::MaskHolder(const Kind& kind, at::Tensor mask) : kind_(kind) {
+  check_mask("", mask);
   mask_ = std::move(mask);
 }
 
-void FakeSparsity::move_mask_to(const c10::Device& device) {
+void MaskHolder::move_mask_to(const c10::Device& device) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (mask_.device() == device) {
     return;
@@ -127,12 +135,12 @@ void FakeSparsity::move_mask_to(const c10::Device& device) {
   cache_.reset();
 }
 
-at::Tensor FakeSparsity::forward(const at::Tensor& x) {
-  TORCH_CHECK(x.defined(), "FakeSparsity.forward: x is an undefined tensor");
+at::Tensor MaskHolder::forward(const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), kind_.class_name, ".forward: x is an undefined tensor");
   if (x.device() != mask_.device()) {
     if (x.is_meta()) {
       // Shape propagation only: never give up the real mask for a meta one.
-      return ops::fake_sparsity(x, mask_.to(x.device()));
+      return kind_.apply(x, mask_.to(x.device()));
     }
     move_mask_to(x.device());
   }
@@ -140,7 +148,7 @@ at::Tensor FakeSparsity::forward(const at::Tensor& x) {
     // Training, another device, a tracer: drop the kept result rather than
     // hold its memory through calls that cannot use it.
     clear_cache();
-    return ops::fake_sparsity(x, mask_);
+    return kind_.apply(x, mask_);
   }
   bool enabled = false;
   {
@@ -152,12 +160,12 @@ at::Tensor FakeSparsity::forward(const at::Tensor& x) {
     enabled = cache_enabled_;
   }
   if (!enabled) {
-    return ops::fake_sparsity(x, mask_);
+    return kind_.apply(x, mask_);
   }
   // Stamped before computing: a write racing with the computation then
   // shows as a newer version at the next lookup, never as a stale hit.
   Stamp x_stamp(x), mask_stamp(mask_);
-  at::Tensor result = ops::fake_sparsity(x, mask_);
+  at::Tensor result = kind_.apply(x, mask_);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!cache_enabled_ || !can_copy_on_write(result)) {
     return result;
@@ -166,15 +174,16 @@ at::Tensor FakeSparsity::forward(const at::Tensor& x) {
   return copy_on_write_clone(result);
 }
 
-at::Tensor FakeSparsity::mask() const {
+at::Tensor MaskHolder::mask() const {
   return mask_;
 }
 
-void FakeSparsity::update_mask(const at::Tensor& m) {
-  check_mask("FakeSparsity.update_mask", m);
+void MaskHolder::update_mask(const at::Tensor& m) {
+  check_mask(".update_mask", m);
   TORCH_CHECK(
       m.sizes() == mask_.sizes(),
-      "FakeSparsity.update_mask: new mask shape ",
+      kind_.class_name,
+      ".update_mask: new mask shape ",
       m.sizes(),
       " must equal the held mask shape ",
       mask_.sizes());
@@ -183,7 +192,7 @@ void FakeSparsity::update_mask(const at::Tensor& m) {
   clear_cache(); // the version bump of copy_ would do; this frees the memory now
 }
 
-void FakeSparsity::set_cache_enabled(bool enabled) {
+void MaskHolder::set_cache_enabled(bool enabled) {
   std::lock_guard<std::mutex> lock(mutex_);
   cache_enabled_ = enabled;
   if (!enabled) {
@@ -191,26 +200,26 @@ void FakeSparsity::set_cache_enabled(bool enabled) {
   }
 }
 
-bool FakeSparsity::cache_enabled() const {
+bool MaskHolder::cache_enabled() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return cache_enabled_;
 }
 
-void FakeSparsity::clear_cache() {
+void MaskHolder::clear_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   cache_.reset();
 }
 
-int64_t FakeSparsity::cache_hits() const {
+int64_t MaskHolder::cache_hits() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return cache_hits_;
 }
 
-c10::Dict<std::string, at::Tensor> FakeSparsity::state_dict() const {
+c10::Dict<std::string, at::Tensor> MaskHolder::state_dict() const {
   return c10::Dict<std::string, at::Tensor>();
 }
 
-double FakeSparsity::sparsity_level() const {
+double MaskHolder::sparsity_level() const {
   const int64_t numel = mask_.numel();
   if (numel == 0) {
     return std::numeric_limits<double>::quiet_NaN();
@@ -219,11 +228,11 @@ double FakeSparsity::sparsity_level() const {
   return static_cast<double>(numel - nonzero) / static_cast<double>(numel);
 }
 
-std::tuple<std::tuple<std::string, at::Tensor>> FakeSparsity::obj_flatten() const {
+std::tuple<std::tuple<std::string, at::Tensor>> MaskHolder::obj_flatten() const {
   return {{"mask", mask_}};
 }
 
-FakeSparsity::State FakeSparsity::get_state() const {
+MaskHolder::State MaskHolder::get_state() const {
   // A copy, not the held tensor: TorchScript's deepcopy passes this state
   // straight to __setstate__, and a deep copy must not share its mask.
   at::Tensor mask_copy;
@@ -237,11 +246,12 @@ FakeSparsity::State FakeSparsity::get_state() const {
   return State(kStateVersion, std::move(tensors));
 }
 
-c10::intrusive_ptr<FakeSparsity> FakeSparsity::from_state(State state) {
+at::Tensor MaskHolder::mask_from_state(const Kind& kind, State state) {
   const int64_t version = std::get<0>(state);
   TORCH_CHECK(
       version == kStateVersion,
-      "FakeSparsity: cannot load a pickled state of format version ",
+      kind.class_name,
+      ": cannot load a pickled state of format version ",
       version,
       "; this build reads version ",
       kStateVersion,
@@ -249,36 +259,64 @@ c10::intrusive_ptr<FakeSparsity> FakeSparsity::from_state(State state) {
   const auto& tensors = std::get<1>(state);
   TORCH_CHECK(
       tensors.contains("mask"),
-      "FakeSparsity: malformed pickled state: version 1 needs a 'mask' entry");
+      kind.class_name,
+      ": malformed pickled state: version 1 needs a 'mask' entry");
   TORCH_CHECK(
       tensors.size() == 1,
-      "FakeSparsity: malformed pickled state: version 1 holds only 'mask', but got ",
+      kind.class_name,
+      ": malformed pickled state: version 1 holds only 'mask', but got ",
       tensors.size(),
       " entries");
-  return c10::make_intrusive<FakeSparsity>(tensors.at("mask"));
+  return tensors.at("mask");
 }
 
-TORCH_LIBRARY_FRAGMENT(sparsity, m) {
-  m.class_<FakeSparsity>("FakeSparsity")
+const MaskHolder::Kind FakeSparsity::kKind{"FakeSparsity", &ops::fake_sparsity, /*row_mask=*/false};
+
+FakeSparsity::FakeSparsity(at::Tensor mask) : MaskHolder(kKind, std::move(mask)) {}
+
+c10::intrusive_ptr<FakeSparsity> FakeSparsity::from_state(State state) {
+  return c10::make_intrusive<FakeSparsity>(mask_from_state(kKind, std::move(state)));
+}
+
+const MaskHolder::Kind FakeStructuredSparsity::kKind{
+    "FakeStructuredSparsity", &ops::fake_structured_sparsity, /*row_mask=*/true};
+
+FakeStructuredSparsity::FakeStructuredSparsity(at::Tensor mask) : MaskHolder(kKind, std::move(mask)) {}
+
+c10::intrusive_ptr<FakeStructuredSparsity> FakeStructuredSparsity::from_state(State state) {
+  return c10::make_intrusive<FakeStructuredSparsity>(mask_from_state(kKind, std::move(state)));
+}
+
+namespace {
+
+// One registration for both classes: the same methods, pickling and
+// export flattening.
+template <typename T>
+void define_mask_class(torch::Library& m, const char* name) {
+  using Self = const c10::intrusive_ptr<T>&;
+  m.class_<T>(name)
       .def(torch::init<at::Tensor>())
-      .def("forward", &FakeSparsity::forward)
-      .def("update_mask", &FakeSparsity::update_mask)
-      .def("state_dict", &FakeSparsity::state_dict)
-      .def("sparsity_level", &FakeSparsity::sparsity_level)
-      .def("get_mask", &FakeSparsity::mask)
-      .def("set_cache_enabled", &FakeSparsity::set_cache_enabled)
-      .def("cache_enabled", &FakeSparsity::cache_enabled)
-      .def("clear_cache", &FakeSparsity::clear_cache)
-      .def("cache_hits", &FakeSparsity::cache_hits)
-      .def_property("mask", &FakeSparsity::mask)
-      .def("__obj_flatten__", &FakeSparsity::obj_flatten)
+      .def("forward", [](Self self, const at::Tensor& x) { return self->forward(x); })
+      .def("update_mask", [](Self self, const at::Tensor& mask) { self->update_mask(mask); })
+      .def("state_dict", [](Self self) { return self->state_dict(); })
+      .def("sparsity_level", [](Self self) { return self->sparsity_level(); })
+      .def("get_mask", [](Self self) { return self->mask(); })
+      .def("set_cache_enabled", [](Self self, bool enabled) { self->set_cache_enabled(enabled); })
+      .def("cache_enabled", [](Self self) { return self->cache_enabled(); })
+      .def("clear_cache", [](Self self) { self->clear_cache(); })
+      .def("cache_hits", [](Self self) { return self->cache_hits(); })
+      .def_property("mask", [](Self self) { return self->mask(); })
+      .def("__obj_flatten__", [](Self self) { return self->obj_flatten(); })
       .def_pickle(
-          [](const c10::intrusive_ptr<FakeSparsity>& self) {
-            return self->get_state();
-          },
-          [](FakeSparsity::State state) {
-            return FakeSparsity::from_state(std::move(state));
-          });
+          [](Self self) { return self->get_state(); },
+          [](MaskHolder::State state) { return T::from_state(std::move(state)); });
+}
+
+} // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+  define_mask_class<FakeSparsity>(m, "FakeSparsity");
+  define_mask_class<FakeStructuredSparsity>(m, "FakeStructuredSparsity");
 }
 
 } // namespace sparsity

@@ -1,8 +1,11 @@
 #pragma once
 
-// torch.classes.sparsity.FakeSparsity: the TorchScript counterpart of
-// torch.ao.pruning's FakeSparsity parametrization. It holds a mask and
-// returns mask * x; scripted modules keep it as an attribute.
+// torch.classes.sparsity.FakeSparsity and FakeStructuredSparsity: the
+// TorchScript counterparts of torch.ao.pruning's FakeSparsity and
+// FakeStructuredSparsity parametrizations. Each holds a mask and applies it
+// (mask * x, and mask.reshape(-1, 1, ...) * x for a row mask); scripted
+// modules keep them as attributes. Both share MaskHolder: the mask's
+// identity, update_mask, the inference cache, pickling.
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/Tensor.h>
@@ -18,17 +21,24 @@
 
 namespace sparsity {
 
-class FakeSparsity : public torch::CustomClassHolder {
+class MaskHolder : public torch::CustomClassHolder {
  public:
   // Version of the pickled state written by this build.
   static constexpr int64_t kStateVersion = 1;
   // (version, named tensors); version 1 holds {"mask": mask}.
   using State = std::tuple<int64_t, c10::Dict<std::string, at::Tensor>>;
 
-  explicit FakeSparsity(at::Tensor mask);
+  // What tells the classes apart: the name in messages, and the operator
+  // that applies the mask.
+  struct Kind {
+    const char* class_name;
+    at::Tensor (*apply)(const at::Tensor& x, const at::Tensor& mask);
+    bool row_mask;  // the mask must be 1-d
+  };
 
-  // mask * x. If x is on another device than the mask (the owning module was
-  // moved), the held mask first moves to x's device, keeping its identity.
+  // The mask applied to x (FakeSparsity: mask * x). If x is on another device
+  // than the mask (the owning module was moved), the held mask first moves
+  // to x's device, keeping its identity.
   //
   // Inference cache: when no autograd graph is needed, the result is kept,
   // and a later call with the very same x (same tensor object, storage,
@@ -70,7 +80,15 @@ class FakeSparsity : public torch::CustomClassHolder {
   std::tuple<std::tuple<std::string, at::Tensor>> obj_flatten() const;
 
   State get_state() const;
-  static c10::intrusive_ptr<FakeSparsity> from_state(State state);
+
+  const Kind& kind() const {
+    return kind_;
+  }
+
+ protected:
+  MaskHolder(const Kind& kind, at::Tensor mask);
+  // The mask of a pickled state, checked (version, entries).
+  static at::Tensor mask_from_state(const Kind& kind, State state);
 
  private:
   // Who a tensor was and what it held when a result was computed from it.
@@ -96,7 +114,9 @@ class FakeSparsity : public torch::CustomClassHolder {
   };
 
   void move_mask_to(const c10::Device& device);
+  void check_mask(const char* where, const at::Tensor& mask) const;
 
+  const Kind& kind_;
   at::Tensor mask_;
   // Guards the one-time device move of the mask and everything below it,
   // across forward threads.
@@ -104,6 +124,23 @@ class FakeSparsity : public torch::CustomClassHolder {
   std::optional<CacheEntry> cache_;
   bool cache_enabled_ = true;
   int64_t cache_hits_ = 0;
+};
+
+// mask * x, mask of x's shape.
+class FakeSparsity : public MaskHolder {
+ public:
+  static const Kind kKind;
+  explicit FakeSparsity(at::Tensor mask);
+  static c10::intrusive_ptr<FakeSparsity> from_state(State state);
+};
+
+// mask.reshape(-1, 1, ...) * x, mask of shape [x.size(0)]: whole slices
+// along dim 0 (rows of a Linear weight, output channels of a convolution).
+class FakeStructuredSparsity : public MaskHolder {
+ public:
+  static const Kind kKind;
+  explicit FakeStructuredSparsity(at::Tensor mask);
+  static c10::intrusive_ptr<FakeStructuredSparsity> from_state(State state);
 };
 
 } // namespace sparsity

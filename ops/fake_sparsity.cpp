@@ -25,11 +25,21 @@ at::Tensor& fake_sparsity_(at::Tensor& x, const at::Tensor& mask) {
   return op.call(x, mask);
 }
 
+at::Tensor fake_structured_sparsity(const at::Tensor& x, const at::Tensor& mask) {
+  C10_LOG_API_USAGE_ONCE("torch_sparsity.ops.fake_structured_sparsity");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparsity::fake_structured_sparsity", "")
+                       .typed<decltype(fake_structured_sparsity)>();
+  return op.call(x, mask);
+}
+
 TORCH_LIBRARY_FRAGMENT(sparsity, m) {
   m.def(TORCH_SELECTIVE_SCHEMA(
       "sparsity::fake_sparsity(Tensor x, Tensor mask) -> Tensor"));
   m.def(TORCH_SELECTIVE_SCHEMA(
       "sparsity::fake_sparsity_(Tensor(a!) x, Tensor mask) -> Tensor(a!)"));
+  m.def(TORCH_SELECTIVE_SCHEMA(
+      "sparsity::fake_structured_sparsity(Tensor x, Tensor mask) -> Tensor"));
 }
 
 } // namespace ops

@@ -1,14 +1,15 @@
 #pragma once
 
 // Input checks, type rules and dtype dispatch shared by every kernel of
-// fake_sparsity and fake_sparsity_, so all dispatch keys agree on what is an
-// error and on the result dtype.
+// fake_sparsity, fake_sparsity_ and fake_structured_sparsity, so all
+// dispatch keys agree on what is an error and on the result dtype.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -38,8 +39,9 @@ inline std::string shape_string(const at::Tensor& t) {
   return c10::str(t.sym_sizes());
 }
 
-// Checks everything both forms require; op_name starts each message.
-inline void check_fake_sparsity_inputs(
+// Checks what every operator of this library requires of x and mask apart
+// from their shapes; op_name starts each message.
+inline void check_mask_operands(
     const char* op_name,
     const at::Tensor& x,
     const at::Tensor& mask) {
@@ -69,6 +71,14 @@ inline void check_fake_sparsity_inputs(
       x.layout(),
       " and mask layout ",
       mask.layout());
+}
+
+// fake_sparsity and fake_sparsity_: a mask of x's very shape.
+inline void check_fake_sparsity_inputs(
+    const char* op_name,
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  check_mask_operands(op_name, x, mask);
   TORCH_CHECK(
       x.sym_sizes().equals(mask.sym_sizes()),
       op_name,
@@ -77,6 +87,35 @@ inline void check_fake_sparsity_inputs(
       " must equal x shape ",
       shape_string(x),
       " (no broadcasting)");
+}
+
+// fake_structured_sparsity: one mask entry per slice x[i] along dim 0, the
+// mask of shape [x.size(0)] (torch.ao.pruning's FakeStructuredSparsity).
+inline void check_fake_structured_sparsity_inputs(
+    const char* op_name,
+    const at::Tensor& x,
+    const at::Tensor& mask) {
+  check_mask_operands(op_name, x, mask);
+  TORCH_CHECK(
+      x.dim() >= 1,
+      op_name,
+      ": x must have at least one dimension (the mask selects slices along dim 0), but got a 0-d tensor");
+  TORCH_CHECK(
+      mask.dim() == 1 && mask.sym_size(0) == x.sym_size(0),
+      op_name,
+      ": mask shape ",
+      shape_string(mask),
+      " must be [x.size(0)] for x of shape ",
+      shape_string(x),
+      ": one entry per slice along dim 0");
+}
+
+// The row mask as a tensor of x's shape (stride 0 past dim 0), so that the
+// kernels of fake_sparsity, which take any strides, apply it.
+inline at::Tensor expand_row_mask(const at::Tensor& mask, const at::Tensor& x) {
+  c10::SmallVector<int64_t, 6> strides(x.dim(), 0);
+  strides[0] = mask.stride(0);
+  return mask.as_strided(x.sizes(), strides, mask.storage_offset());
 }
 
 // dtype of mask * x under PyTorch's promotion (same ndim, so no 0-dim rule).

@@ -1,10 +1,12 @@
-// Autograd of fake_sparsity and fake_sparsity_, registered in C++ on the
-// Autograd key so that a C++ program that loads a scripted model can
-// backpropagate through it. The backward formulas call fake_sparsity itself,
-// so they are differentiable again (double backward).
+// Autograd of fake_sparsity, fake_sparsity_ and fake_structured_sparsity,
+// registered in C++ on the Autograd key so that a C++ program that loads a
+// scripted model can backpropagate through it. The backward formulas call
+// the operators themselves, so they are differentiable again (double
+// backward).
 
 #include "ops/fake_sparsity.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -19,24 +21,61 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 at::Tensor call_fake_sparsity_below_autograd(const at::Tensor& x, const at::Tensor& mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsity::fake_sparsity", "")
-                       .typed<decltype(fake_sparsity)>();
+  static auto op = find_op<decltype(fake_sparsity)>("sparsity::fake_sparsity");
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, mask);
 }
 
 at::Tensor& call_fake_sparsity__below_autograd(at::Tensor& x, const at::Tensor& mask) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sparsity::fake_sparsity_", "")
-                       .typed<decltype(fake_sparsity_)>();
+  static auto op = find_op<decltype(fake_sparsity_)>("sparsity::fake_sparsity_");
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, mask);
 }
 
-// d(mask * x)/dx = grad * mask and d/dmask = grad * x, each cast back to the
-// dtype of the input it belongs to (the result may have a wider dtype).
+// What differs between the operators' autograd: how the mask applies, and
+// how a gradient of x's shape sums back to the mask's shape.
+struct ElementMask {
+  static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& mask) {
+    return call_fake_sparsity_below_autograd(x, mask);
+  }
+  static at::Tensor apply(const at::Tensor& x, const at::Tensor& mask) {
+    return fake_sparsity(x, mask);
+  }
+  static at::Tensor to_mask_shape(const at::Tensor& grad) {
+    return grad;
+  }
+};
+
+struct RowMask {
+  static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& mask) {
+    static auto op = find_op<decltype(fake_structured_sparsity)>("sparsity::fake_structured_sparsity");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, mask);
+  }
+  static at::Tensor apply(const at::Tensor& x, const at::Tensor& mask) {
+    return fake_structured_sparsity(x, mask);
+  }
+  // Summed as autograd sums the gradient of mask.reshape(-1, 1, ...) * x.
+  static at::Tensor to_mask_shape(const at::Tensor& grad) {
+    if (grad.dim() == 1) {
+      return grad;
+    }
+    c10::SmallVector<int64_t, 6> row_shape(grad.dim(), 1);
+    row_shape[0] = grad.size(0);
+    return at::sum_to(grad, row_shape).reshape({grad.size(0)});
+  }
+};
+
+// d(mask * x)/dx = grad * mask and d/dmask = grad * x (summed to the mask's
+// shape), each cast back to the dtype of the input it belongs to (the result
+// may have a wider dtype).
+template <typename Kind>
 variable_list mask_product_backward(
     AutogradContext* ctx,
     const at::Tensor& grad,
@@ -45,19 +84,19 @@ variable_list mask_product_backward(
   at::Tensor grad_x, grad_mask;
   if (grad.defined()) {
     if (ctx->needs_input_grad(0)) {
-      grad_x = fake_sparsity(grad, mask)
+      grad_x = Kind::apply(grad, mask)
                    .to(ctx->saved_data["x_dtype"].toScalarType());
     }
     if (ctx->needs_input_grad(1)) {
-      grad_mask = fake_sparsity(grad, x_value)
+      grad_mask = Kind::to_mask_shape(fake_sparsity(grad, x_value))
                       .to(ctx->saved_data["mask_dtype"].toScalarType());
     }
   }
   return {grad_x, grad_mask};
 }
 
-class FakeSparsityFunction
-    : public torch::autograd::Function<FakeSparsityFunction> {
+template <typename Kind>
+class MaskFunction : public torch::autograd::Function<MaskFunction<Kind>> {
  public:
   static at::Tensor forward(
       AutogradContext* ctx,
@@ -69,12 +108,12 @@ class FakeSparsityFunction
     ctx->save_for_backward(
         {mask.requires_grad() ? x : at::Tensor(),
          x.requires_grad() ? mask : at::Tensor()});
-    return call_fake_sparsity_below_autograd(x, mask);
+    return Kind::below_autograd(x, mask);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return mask_product_backward(ctx, grads[0], saved[0], saved[1]);
+    return mask_product_backward<Kind>(ctx, grads[0], saved[0], saved[1]);
   }
 };
 
@@ -103,7 +142,7 @@ class FakeSparsityInplaceFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    variable_list result = mask_product_backward(ctx, grads[0], saved[0], saved[1]);
+    variable_list result = mask_product_backward<ElementMask>(ctx, grads[0], saved[0], saved[1]);
     result.emplace_back(); // x_before gets no gradient of its own
     return result;
   }
@@ -116,11 +155,12 @@ bool needs_graph(const at::Tensor& x, const at::Tensor& mask) {
   return at::GradMode::is_enabled() && (x.requires_grad() || mask.requires_grad());
 }
 
-at::Tensor fake_sparsity_autograd(const at::Tensor& x, const at::Tensor& mask) {
+template <typename Kind>
+at::Tensor mask_autograd(const at::Tensor& x, const at::Tensor& mask) {
   if (!needs_graph(x, mask)) {
-    return call_fake_sparsity_below_autograd(x, mask);
+    return Kind::below_autograd(x, mask);
   }
-  return FakeSparsityFunction::apply(x, mask);
+  return MaskFunction<Kind>::apply(x, mask);
 }
 
 at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
@@ -148,10 +188,13 @@ at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
 TORCH_LIBRARY_IMPL(sparsity, Autograd, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
-      TORCH_FN(fake_sparsity_autograd));
+      TORCH_FN(mask_autograd<ElementMask>));
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity_"),
       TORCH_FN(fake_sparsity__autograd));
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_structured_sparsity"),
+      TORCH_FN(mask_autograd<RowMask>));
 }
 
 } // namespace ops

@@ -1,4 +1,4 @@
-// CPU kernels of fake_sparsity and fake_sparsity_.
+// CPU kernels of fake_sparsity, fake_sparsity_ and fake_structured_sparsity.
 //
 // Two loops: a flat one for tensors that share one dense memory layout
 // (contiguous, channels-last, any dense permutation), which the compiler
@@ -112,6 +112,21 @@ SPARSITY_DEFINE_CLONED_FLAT_LOOP(double, double, float)
 SPARSITY_DEFINE_CLONED_FLAT_LOOP(double, double, double)
 
 template <typename out_t, typename x_t, typename mask_t>
+using FlatLoop = void (*)(out_t*, const x_t*, const mask_storage_t<out_t, x_t, mask_t>*, int64_t);
+
+// The fastest flat loop this CPU has for the types.
+template <typename out_t, typename x_t, typename mask_t>
+FlatLoop<out_t, x_t, mask_t> pick_flat_loop() {
+  if constexpr (half_loops::covers<out_t, x_t, mask_t>) {
+    return half_loops::pick<out_t, x_t, mask_t>(&generic_flat_loop<out_t, x_t, mask_t>);
+  } else if constexpr (ClonedFlatLoop<out_t, x_t, mask_t>::available) {
+    return &ClonedFlatLoop<out_t, x_t, mask_t>::run;
+  } else {
+    return &generic_flat_loop<out_t, x_t, mask_t>;
+  }
+}
+
+template <typename out_t, typename x_t, typename mask_t>
 void apply_mask_flat(
     out_t* out,
     const x_t* x,
@@ -119,20 +134,43 @@ void apply_mask_flat(
     int64_t numel) {
   using storage_t = mask_storage_t<out_t, x_t, mask_t>;
   const auto* mask_storage = reinterpret_cast<const storage_t*>(mask);
-  if constexpr (half_loops::covers<out_t, x_t, mask_t>) {
-    const auto loop = half_loops::pick<out_t, x_t, mask_t>(&generic_flat_loop<out_t, x_t, mask_t>);
-    at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
-      loop(out + begin, x + begin, mask_storage + begin, end - begin);
-    });
-    return;
-  }
+  const auto loop = pick_flat_loop<out_t, x_t, mask_t>();
   at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
-    if constexpr (ClonedFlatLoop<out_t, x_t, mask_t>::available) {
-      ClonedFlatLoop<out_t, x_t, mask_t>::run(
-          out + begin, x + begin, mask_storage + begin, end - begin);
-    } else {
-      flat_loop<out_t, x_t, mask_t>(
-          out + begin, x + begin, mask_storage + begin, end - begin);
+    loop(out + begin, x + begin, mask_storage + begin, end - begin);
+  });
+}
+
+// A row mask (one entry per slice along dim 0) on contiguous x and out: the
+// flat loops run over each row with a small mask block filled with that
+// row's entry, which stays in L1, so the kernel moves the bytes of a copy of
+// x and no more, with the same vectorised loops and rounding as fake_sparsity.
+constexpr int64_t kRowMaskBlock = 2048;
+
+template <typename out_t, typename x_t, typename mask_t>
+void apply_row_mask_flat(
+    out_t* out,
+    const x_t* x,
+    const mask_t* mask,
+    int64_t mask_stride,
+    int64_t numel,
+    int64_t row_numel) {
+  using storage_t = mask_storage_t<out_t, x_t, mask_t>;
+  const auto* mask_storage = reinterpret_cast<const storage_t*>(mask);
+  const auto loop = pick_flat_loop<out_t, x_t, mask_t>();
+  at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
+    storage_t block[kRowMaskBlock];
+    int64_t block_row = -1;
+    int64_t block_filled = 0;
+    for (int64_t i = begin; i < end;) {
+      const int64_t row = i / row_numel;
+      const int64_t n = std::min({kRowMaskBlock, end - i, (row + 1) * row_numel - i});
+      if (row != block_row || block_filled < n) {
+        std::fill_n(block, n, mask_storage[row * mask_stride]);
+        block_row = row;
+        block_filled = n;
+      }
+      loop(out + i, x + i, block, n);
+      i += n;
     }
   });
 }
@@ -257,6 +295,37 @@ at::Tensor fake_sparsity_cpu(const at::Tensor& x, const at::Tensor& mask) {
   return out;
 }
 
+at::Tensor fake_structured_sparsity_cpu(const at::Tensor& x, const at::Tensor& mask) {
+  const char* op_name = "fake_structured_sparsity";
+  detail::check_fake_structured_sparsity_inputs(op_name, x, mask);
+  at::Tensor out = at::empty_like(
+      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  if (x.numel() == 0) {
+    return out;
+  }
+  advise_huge_pages(out);
+  if (!(x.is_contiguous() && out.is_contiguous())) {
+    // Any other layout: fake_sparsity's kernels on the mask expanded to x's
+    // shape (stride 0 past dim 0).
+    apply_mask_cpu(op_name, out, x, detail::expand_row_mask(mask, x));
+    return out;
+  }
+  detail::dispatch_fake_sparsity_types(
+      op_name, out, x, mask, [&](auto out_tag, auto x_tag, auto mask_tag) {
+        using out_t = decltype(out_tag);
+        using x_t = decltype(x_tag);
+        using mask_t = decltype(mask_tag);
+        apply_row_mask_flat<out_t, x_t, mask_t>(
+            out.data_ptr<out_t>(),
+            x.const_data_ptr<x_t>(),
+            mask.const_data_ptr<mask_t>(),
+            mask.stride(0),
+            x.numel(),
+            x.numel() / x.size(0));
+      });
+  return out;
+}
+
 at::Tensor& fake_sparsity__cpu(at::Tensor& x, const at::Tensor& mask) {
   detail::check_fake_sparsity_inputs("fake_sparsity_", x, mask);
   detail::check_inplace_overlap("fake_sparsity_", x, mask);
@@ -273,6 +342,9 @@ TORCH_LIBRARY_IMPL(sparsity, CPU, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity_"),
       TORCH_FN(fake_sparsity__cpu));
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_structured_sparsity"),
+      TORCH_FN(fake_structured_sparsity_cpu));
 }
 
 } // namespace ops

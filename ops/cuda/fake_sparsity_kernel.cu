@@ -1,4 +1,4 @@
-// CUDA kernels of fake_sparsity and fake_sparsity_: the kernels and the
+// CUDA kernels of fake_sparsity, fake_sparsity_ and fake_structured_sparsity: the kernels and the
 // choice of kernel are in fake_sparsity_kernel.cuh (shared with the CPU
 // emulation test); here are the CUDA runtime calls and the registration.
 
@@ -66,6 +66,18 @@ at::Tensor& fake_sparsity__cuda(at::Tensor& x, const at::Tensor& mask) {
   return x;
 }
 
+// The row mask expanded to x's shape (stride 0 past dim 0) through the
+// kernels of fake_sparsity, whose index arithmetic takes any strides.
+at::Tensor fake_structured_sparsity_cuda(const at::Tensor& x, const at::Tensor& mask) {
+  detail::check_fake_structured_sparsity_inputs("fake_structured_sparsity", x, mask);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor out = at::empty_like(
+      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  CudaLauncher launcher(x.device().index());
+  apply_mask(launcher, "fake_structured_sparsity", out, x, detail::expand_row_mask(mask, x));
+  return out;
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(sparsity, CUDA, m) {
@@ -75,6 +87,9 @@ TORCH_LIBRARY_IMPL(sparsity, CUDA, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity_"),
       TORCH_FN(fake_sparsity__cuda));
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_structured_sparsity"),
+      TORCH_FN(fake_structured_sparsity_cuda));
 }
 
 } // namespace ops

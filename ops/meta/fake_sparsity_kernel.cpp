@@ -21,6 +21,12 @@ at::Tensor& fake_sparsity__meta(at::Tensor& x, const at::Tensor& mask) {
   return x;
 }
 
+at::Tensor fake_structured_sparsity_meta(const at::Tensor& x, const at::Tensor& mask) {
+  detail::check_fake_structured_sparsity_inputs("fake_structured_sparsity", x, mask);
+  return at::empty_like(
+      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(sparsity, Meta, m) {
@@ -30,6 +36,9 @@ TORCH_LIBRARY_IMPL(sparsity, Meta, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity_"),
       TORCH_FN(fake_sparsity__meta));
+  m.impl(
+      TORCH_SELECTIVE_NAME("sparsity::fake_structured_sparsity"),
+      TORCH_FN(fake_structured_sparsity_meta));
 }
 
 } // namespace ops
