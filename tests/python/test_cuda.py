@@ -401,3 +401,73 @@ def test_more_than_2_pow_31_elements():
     finally:
         x = mask = expected = xs = ms = out = expected_strided = None
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------- fake_structured_sparsity
+
+fake_structured_sparsity = torch.ops.sparsity.fake_structured_sparsity
+
+
+def _row_reference(x, mask):
+    return mask.reshape(-1, *([1] * (x.dim() - 1))) * x
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=_pair_id)
+def test_structured_matches_row_mask_times_x(dtypes):
+    """The row mask goes through fake_sparsity's kernels expanded with
+    stride 0: every shape (0-d excluded: a row mask needs dim 0) and x
+    layout, against a contiguous and a stepped mask."""
+    x_dtype, mask_dtype = dtypes
+    for shape in SHAPES:
+        if not shape:
+            continue
+        x_values = make_x(shape, x_dtype)
+        mask_values = make_mask(shape[:1], mask_dtype)
+        for x_name, x_layout in layouts_for(shape, for_mask=False):
+            for mask_name, mask_layout in [("contiguous", _contiguous), ("stepped", _stepped)]:
+                if mask_name == "stepped" and shape[0] == 0:
+                    continue
+                x, mask = x_layout(x_values), mask_layout(mask_values)
+                what = f"structured, shape {shape}, x {x_name}, mask {mask_name}"
+                assert_bitwise_equal(fake_structured_sparsity(x, mask), _row_reference(x, mask), what)
+
+
+def test_structured_gradcheck_and_gradients_on_the_device():
+    x = torch.randn(4, 3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.autograd.gradcheck(fake_structured_sparsity, (x, mask))
+    torch.autograd.gradgradcheck(fake_structured_sparsity, (x, mask))
+    x32 = make_x((6, 7), torch.float32).nan_to_num().requires_grad_()
+    m32 = (torch.rand(6, device=DEVICE) > 0.5).float().requires_grad_()
+    grad = torch.randn(6, 7, device=DEVICE)
+    fake_structured_sparsity(x32, m32).backward(grad)
+    x_ref, m_ref = x32.detach().clone().requires_grad_(), m32.detach().clone().requires_grad_()
+    _row_reference(x_ref, m_ref).backward(grad)
+    assert_bitwise_equal(x32.grad, x_ref.grad, "dx")
+    assert_bitwise_equal(m32.grad, m_ref.grad, "dmask")
+
+
+def test_structured_opcheck_and_errors():
+    torch.library.opcheck(
+        fake_structured_sparsity.default, (torch.randn(3, 4, device=DEVICE), torch.rand(3, device=DEVICE) > 0.5)
+    )
+    with pytest.raises(RuntimeError, match=r"mask shape \[4\] must be \[x.size\(0\)\]"):
+        fake_structured_sparsity(torch.randn(3, 4, device=DEVICE), torch.ones(4, device=DEVICE))
+
+
+@cuda_only
+def test_structured_class_follows_its_model_to_the_gpu():
+    class RowPruned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 4))
+            self.sparsity = torch.classes.sparsity.FakeStructuredSparsity(torch.tensor([True, False, True]))
+
+        def forward(self, x):
+            return x @ self.sparsity.forward(self.weight).t()
+
+    model = torch.jit.script(RowPruned()).cuda()
+    x = torch.randn(2, 4, device="cuda")
+    expected = x @ _row_reference(model.weight, torch.tensor([True, False, True], device="cuda")).t()
+    assert_bitwise_equal(model(x), expected)
+    assert model.sparsity.mask.device.type == "cuda"

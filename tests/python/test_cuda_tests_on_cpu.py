@@ -19,6 +19,7 @@ CUDA_ONLY = {
     "test_device_mismatch_names_both_devices",
     "test_two_devices",
     "test_more_than_2_pow_31_elements",
+    "test_structured_class_follows_its_model_to_the_gpu",
 }
 
 
@@ -44,5 +45,5 @@ def test_cuda_tests_pass_on_the_cpu(tmp_path):
         elif case.find("failure") is None and case.find("error") is None:
             passed += 1
     assert skipped == CUDA_ONLY, f"skipped: {sorted(skipped)}"
-    # Every dtype pair of both parity tests and the rest: 62 when written.
-    assert passed >= 60, result.stdout[-3000:]
+    # Every dtype pair of the three parity tests and the rest: 88 when written.
+    assert passed >= 88, result.stdout[-3000:]
