@@ -45,10 +45,14 @@ def _mask_constants(program: "torch.export.ExportedProgram") -> Dict[str, str]:
     return result
 
 
+# The operators as their contract defines them, in operators that
+# AOTInductor's constant folding can run.
 def _mask_times(x, mask):
-    # fake_sparsity as its contract defines it, in operators that
-    # AOTInductor's constant folding can run.
     return mask * x
+
+
+def _row_mask_times(x, mask):
+    return mask.reshape([-1] + [1] * (x.dim() - 1)) * x
 
 
 def compile(
@@ -70,7 +74,8 @@ def compile(
     may otherwise inline tensors of 8 or fewer entries.
 
     ``fold_masks=True`` (the default) writes each ``fake_sparsity(T, mask)``
-    of the program as ``mask * T`` (the operator's very definition, same bits)
+    of the program as ``mask * T`` (the operator's very definition, same bits;
+    ``fake_structured_sparsity`` as ``mask.reshape(-1, 1, ...) * T``)
     and turns on ``aot_inductor.use_runtime_constant_folding``: the package
     computes the masked weights once when loaded, keeps them (one more copy
     of each pruned tensor in memory), and computes them again on the first
@@ -91,7 +96,10 @@ def compile(
         )
     configs = dict(inductor_configs or {})
     if fold_masks:
-        program = program.run_decompositions({torch.ops.sparsity.fake_sparsity.default: _mask_times})
+        program = program.run_decompositions({
+            torch.ops.sparsity.fake_sparsity.default: _mask_times,
+            torch.ops.sparsity.fake_structured_sparsity.default: _row_mask_times,
+        })
         configs.setdefault("aot_inductor.use_runtime_constant_folding", True)
     metadata = dict(configs.pop("aot_inductor.metadata", {}) or {})
     metadata[MASKS_METADATA_KEY] = ";".join(f"{fqn}={constant}" for fqn, constant in sorted(constants.items()))

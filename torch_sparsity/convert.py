@@ -1,5 +1,6 @@
-"""Converts a model pruned with torch.ao.pruning into one that torch.jit.script
-accepts, with its masks still live in the plugin's FakeSparsity.
+"""Converts a model pruned with torch.ao.pruning or torch.nn.utils.prune into
+one that torch.jit.script accepts, with its masks still live in the plugin's
+FakeSparsity.
 
 torch.ao.pruning keeps each pruned tensor behind a FakeSparsity
 parametrization (torch.nn.utils.parametrize): reading ``module.weight``
@@ -44,6 +45,25 @@ through it; the mask buffer is a constant of an exported program and of an
 AOTInductor package (``torch_sparsity.aoti``). ``torch_sparsity.masks``
 finds the live masks of either target, scripted or exported too.
 
+Models pruned with ``torch.nn.utils.prune`` (every method,
+``global_unstructured``, ``custom_from_mask``, iterative pruning, whose
+``PruningContainer`` keeps the combined mask in ``T_mask``) convert to the
+same layout: prune keeps ``m.weight_orig``, a buffer ``m.weight_mask`` and a
+forward pre-hook that sets the plain attribute ``m.weight = weight_mask *
+weight_orig`` before each forward; ``convert`` renames ``weight_orig``
+``weight_original`` where it stands (the same Parameter), turns the mask into
+``weight_sparsity`` (or, for target "export", the same-named buffer
+``weight_mask``, now non-persistent: out of the state dict), and removes the
+hook and the plain attribute. The result equals prune's model bit for bit,
+forward and gradients (prune computes ``mask.to(orig.dtype) * orig``: a mask
+of another dtype is converted so). One difference: the converted module
+reads its mask every time the tensor is read, where prune's attribute is only
+recomputed when the module's own forward runs (``MultiheadAttention`` reads
+``out_proj.weight`` without calling ``out_proj``, so with prune that weight
+stays what it was when pruned; converted, it follows ``out_proj.weight_original``).
+A module may mix both toolkits on different tensors; forward pre-hooks that
+are not prune's stay where they are (they see the tensor as it is read).
+
 Command line: ``python -m torch_sparsity.convert --help``.
 """
 
@@ -61,7 +81,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from . import load_library
 
@@ -93,6 +113,12 @@ def _torch_ao_fake_sparsity():
     from torch.ao.pruning.sparsifier.utils import FakeSparsity
 
     return FakeSparsity
+
+
+def _torch_ao_fake_structured_sparsity():
+    from torch.ao.pruning._experimental.pruner.parametrization import FakeStructuredSparsity
+
+    return FakeStructuredSparsity
 
 
 # ------------------------------------------------------------ generated code
@@ -135,129 +161,354 @@ def _base_annotations(cls) -> dict:
     return dict(get_annotations(cls))
 
 
-_sparse_classes: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+_sparse_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...]], type] = {}
 
 
-def _sparse_class(base: type, names: Tuple[str, ...]) -> type:
-    """The subclass of ``base`` whose tensors ``names`` go through FakeSparsity."""
+def _sparse_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
+    """The subclass of ``base`` whose tensors go through FakeSparsity, or
+    FakeStructuredSparsity for those of ``names`` ((name, row mask) pairs)
+    that have a row mask."""
     key = (base, names)
     if key not in _sparse_classes:
         annotations = _base_annotations(base)
-        fake_sparsity_type = Optional[torch.classes.sparsity.FakeSparsity]
         namespace = {"__module__": __name__, "__qualname__": base.__qualname__}
-        for name in names:
+        for name, row in names:
+            holder = torch.classes.sparsity.FakeStructuredSparsity if row else torch.classes.sparsity.FakeSparsity
             # Optional, so that squash can drop the mask (TorchScript checks
             # the type of every attribute assignment, from C++ too).
-            annotations[name + SPARSITY_SUFFIX] = fake_sparsity_type
+            annotations[name + SPARSITY_SUFFIX] = Optional[holder]
             namespace[name] = property(
                 _masked_getter(name), doc=f"{name}{SPARSITY_SUFFIX}.forward({name}{ORIGINAL_SUFFIX})"
             )
         namespace["__annotations__"] = annotations
         _sparse_classes[key] = type(base.__name__, (base,), namespace)
-    for name in names:
+    for name, _ in names:
         _masked_getter(name)  # registers the source again if linecache was cleared
     return _sparse_classes[key]
 
 
-def _export_getter(name: str):
+def _export_getter(name: str, row: bool):
     """The getter of property ``name`` for target "export": plain Python,
     which torch.export and torch.compile trace (the operator's Meta kernel
     gives shapes, its C++ autograd the backward)."""
     original, mask = name + ORIGINAL_SUFFIX, name + MASK_SUFFIX
+    apply = torch.ops.sparsity.fake_structured_sparsity if row else torch.ops.sparsity.fake_sparsity
 
     def getter(self):
         held = getattr(self, mask)
         if held is None:  # squashed
             return getattr(self, original)
-        return torch.ops.sparsity.fake_sparsity(getattr(self, original), held)
+        return apply(getattr(self, original), held)
 
     getter.__name__ = name
     return getter
 
 
-_export_classes: Dict[Tuple[type, Tuple[str, ...]], type] = {}
+_export_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...]], type] = {}
 
 
-def _export_class(base: type, names: Tuple[str, ...]) -> type:
-    """The subclass of ``base`` whose tensors ``names`` read their masks."""
+def _export_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
+    """The subclass of ``base`` whose tensors ``names`` ((name, row mask)
+    pairs) read their masks."""
     key = (base, names)
     if key not in _export_classes:
         namespace = {"__module__": __name__, "__qualname__": base.__qualname__}
-        for name in names:
+        for name, row in names:
+            op = "fake_structured_sparsity" if row else "fake_sparsity"
             namespace[name] = property(
-                _export_getter(name), doc=f"fake_sparsity({name}{ORIGINAL_SUFFIX}, {name}{MASK_SUFFIX})"
+                _export_getter(name, row), doc=f"{op}({name}{ORIGINAL_SUFFIX}, {name}{MASK_SUFFIX})"
             )
         _export_classes[key] = type(base.__name__, (base,), namespace)
     return _export_classes[key]
+
+
+def _add_bias(output: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], prune_bias: bool):
+    """What torch.ao.pruning's BiasHook adds after a structured-pruned
+    module's forward: ``_bias`` (detached: BiasHook reads ``.data``) along
+    dim 1 of the output, its pruned rows zeroed when ``prune_bias``. BiasHook
+    writes those zeros into ``_bias`` itself on every forward; here ``convert``
+    and ``squash`` write them once and the forward selects, so the output is
+    the same without an in-place write that export and compile would refuse."""
+    bias = bias.detach()
+    if prune_bias and mask is not None:
+        bias = torch.where(mask != 0, bias, torch.zeros_like(bias))
+    shape = [1] * output.dim()
+    shape[1] = -1
+    return output + bias.reshape(shape)
+
+
+def _row_mask_bias_hook(module, input: Tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    """BiasHook for target "torchscript" (TorchScript compiles the hook)."""
+    sparsity = module.weight_sparsity
+    mask: Optional[torch.Tensor] = None
+    if sparsity is not None:
+        mask = sparsity.mask
+    return _add_bias(output, module._bias, mask, module.prune_bias)
+
+
+def _row_mask_bias_hook_export(module, input, output):
+    """BiasHook for target "export"."""
+    return _add_bias(output, module._bias, module.weight_mask, module.prune_bias)
 
 
 # ------------------------------------------------------------------ convert
 
 
 class _PrunedTensor:
-    """What the conversion moves for one pruned tensor of a module."""
+    """What the conversion moves for one pruned tensor ``name`` of a module,
+    whichever toolkit pruned it. ``original`` is the tensor the mask applies
+    to (``is_parameter``, ``persistent``: how it is registered) and ``mask``
+    the mask as the plugin will hold it. ``source`` says what ``_apply_plan``
+    takes away: ``PARAMETRIZATION`` (torch.ao.pruning's FakeSparsity
+    parametrization; ``original`` is registered anew as ``<name>_original``) or
+    ``PRUNE_HOOK`` (torch.nn.utils.prune: the forward pre-hook under key
+    ``hook_id``, the plain attribute ``<name>`` it computes, the buffer
+    ``<name>_mask``; ``<name>_orig`` is renamed ``<name>_original`` where it
+    stands). ``row``: the mask is a row mask of shape ``[original.size(0)]``
+    (torch.ao.pruning's FakeStructuredSparsity), held by
+    FakeStructuredSparsity and read through ``fake_structured_sparsity``;
+    ``bias_hook``: the key of the pruner's BiasHook in ``_forward_hooks``,
+    replaced by the converted form."""
 
-    def __init__(self, name, original, is_parameter, persistent, mask):
+    def __init__(self, name, original, is_parameter, persistent, mask, source, hook_id=None, row=False,
+                 bias_hook=None):
         self.name = name
         self.original = original
         self.is_parameter = is_parameter
         self.persistent = persistent
         self.mask = mask
+        self.source = source
+        self.hook_id = hook_id
+        self.row = row
+        self.bias_hook = bias_hook
 
 
-def _plan_module(fqn: str, module: nn.Module, target: str = "torchscript") -> List[_PrunedTensor]:
-    """Checks that every parametrization of ``module`` can be converted and
-    collects what moves; raises ConversionError naming the module otherwise."""
-    fake_sparsity_class = _torch_ao_fake_sparsity()
+PARAMETRIZATION = "parametrization"  # torch.ao.pruning's FakeSparsity parametrization
+PRUNE_HOOK = "prune hook"  # torch.nn.utils.prune's forward pre-hook
+PRUNE_ORIG_SUFFIX = "_orig"  # torch.nn.utils.prune's names
+PRUNE_MASK_SUFFIX = "_mask"
+
+# Module attributes that hold hooks; torch.nn.utils.prune puts its methods in
+# _forward_pre_hooks only.
+_HOOK_TABLES = (
+    "_forward_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _where(fqn: str, module: nn.Module) -> str:
     base = parametrize.type_before_parametrizations(module)
-    where = f"module '{fqn}' ({base.__name__})" if fqn else f"the model itself ({base.__name__})"
-    if isinstance(module, nn.RNNBase):
-        raise ConversionError(
-            f"{where}: recurrent layers read their weights through the list _flat_weights, which "
-            "TorchScript keeps as a plain attribute, so masks could not apply"
-        )
-    plan = []
+    return f"module '{fqn}' ({base.__name__})" if fqn else f"the model itself ({base.__name__})"
+
+
+def _prune_hooks(module: nn.Module) -> List[Tuple[int, "prune.BasePruningMethod"]]:
+    """torch.nn.utils.prune's hooks on ``module``: (key, method)."""
+    return [(key, hook) for key, hook in module._forward_pre_hooks.items() if isinstance(hook, prune.BasePruningMethod)]
+
+
+def _bias_hooks(module: nn.Module) -> List[Tuple[int, object]]:
+    """torch.ao.pruning's structured pruners' BiasHooks on ``module``: (key, hook)."""
+    from torch.ao.pruning._experimental.pruner.parametrization import BiasHook
+
+    return [(key, hook) for key, hook in module._forward_hooks.items() if isinstance(hook, BiasHook)]
+
+
+def _parametrized_tensors(where: str, module: nn.Module) -> List[_PrunedTensor]:
+    """The tensors of ``module`` that torch.ao.pruning's FakeSparsity and
+    FakeStructuredSparsity parametrizations prune, with the structured
+    pruners' BiasHook; anything else parametrized is refused."""
+    bias_hooks = _bias_hooks(module)
+    if not parametrize.is_parametrized(module):
+        if bias_hooks:
+            raise ConversionError(
+                f"{where}: has a torch.ao.pruning BiasHook but no FakeStructuredSparsity parametrization of "
+                "'weight' for it to follow"
+            )
+        return []
+    fake_sparsity_class, structured_class = _torch_ao_fake_sparsity(), _torch_ao_fake_structured_sparsity()
+    found = []
     for name, parametrizations in module.parametrizations.items():
         kinds = [type(p).__name__ for p in parametrizations]
-        if len(parametrizations) != 1 or not isinstance(parametrizations[0], fake_sparsity_class):
+        kind = type(parametrizations[0]) if len(parametrizations) == 1 else None
+        if not (kind is not None and issubclass(kind, (fake_sparsity_class, structured_class))):
             raise ConversionError(
                 f"{where}: tensor '{name}' has the parametrizations {kinds}; only a single "
-                "torch.ao.pruning FakeSparsity per tensor can be converted"
+                "torch.ao.pruning FakeSparsity or FakeStructuredSparsity per tensor can be converted"
+            )
+        row = issubclass(kind, structured_class)
+        if kind.forward is not (structured_class if row else fake_sparsity_class).forward:
+            raise ConversionError(
+                f"{where}: tensor '{name}' has a {kind.__name__} parametrization that overrides forward, so what "
+                "it computes need not be the mask's product; convert takes torch.ao.pruning's own"
             )
         if not hasattr(parametrizations, "original"):
             raise ConversionError(
                 f"{where}: tensor '{name}' is stored as several tensors (original0, original1, ...); "
                 "FakeSparsity keeps one"
             )
+        for inner in parametrizations.modules():
+            if _prune_hooks(inner):
+                raise ConversionError(
+                    f"{where}: tensor '{name}' has a FakeSparsity parametrization whose own tensors are pruned "
+                    "by torch.nn.utils.prune too; convert can take one of the two"
+                )
+        is_parameter = "original" in parametrizations._parameters
+        persistent = "original" not in parametrizations._non_persistent_buffers_set
+        found.append(_PrunedTensor(
+            name, parametrizations.original, is_parameter, persistent, parametrizations[0].mask, PARAMETRIZATION,
+            row=row,
+        ))
+    for key, hook in bias_hooks:
+        weight = next((p for p in found if p.name == "weight" and p.row), None)
+        if weight is None or hook.param is not module.parametrizations["weight"][0]:
+            raise ConversionError(
+                f"{where}: its torch.ao.pruning BiasHook does not follow the FakeStructuredSparsity "
+                "parametrization of 'weight', so the pruned rows of its bias could not follow the mask"
+            )
+        if weight.bias_hook is not None:
+            raise ConversionError(f"{where}: tensor 'weight' has two torch.ao.pruning BiasHooks")
+        weight.bias_hook = key
+    return found
+
+
+def _prune_hook_tensors(where: str, module: nn.Module) -> List[_PrunedTensor]:
+    """The tensors of ``module`` that torch.nn.utils.prune prunes (any method,
+    iterative pruning's PruningContainer included), in the order of their
+    ``<name>_orig`` tensors; what would not convert to ``mask * original``
+    exactly is refused."""
+    for table in _HOOK_TABLES:
+        for hook in getattr(module, table, {}).values():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = getattr(hook, "_tensor_name", None)
+                raise ConversionError(
+                    f"{where}: " + (f"tensor '{name}': " if isinstance(name, str) else "")
+                    + f"a torch.nn.utils.prune method ({type(hook).__name__}) is registered in {table}; "
+                    "torch.nn.utils.prune registers its methods as forward pre-hooks only, so this one cannot be "
+                    "converted"
+                )
+    hooks = _prune_hooks(module)
+    if not hooks:
+        return []
+    parametrized = set(module.parametrizations) if parametrize.is_parametrized(module) else set()
+    found = {}
+    for key, hook in hooks:
+        name = getattr(hook, "_tensor_name", None)
+        method = type(hook).__name__
+        if not isinstance(name, str):
+            raise ConversionError(f"{where}: a torch.nn.utils.prune hook ({method}) names no tensor (_tensor_name)")
+        if name in found:
+            raise ConversionError(
+                f"{where}: tensor '{name}' has two torch.nn.utils.prune hooks ({type(found[name][1]).__name__} and "
+                f"{method}); torch.nn.utils.prune itself combines successive prunings into one PruningContainer"
+            )
+        overridden = [
+            attribute for attribute in ("__call__", "apply_mask")
+            if getattr(type(hook), attribute) is not getattr(prune.BasePruningMethod, attribute)
+            or attribute in vars(hook)
+        ]
+        if overridden:
+            raise ConversionError(
+                f"{where}: tensor '{name}' is pruned by {method}, which overrides {' and '.join(overridden)}, so "
+                "what it computes need not be mask * original; convert takes methods that only define the mask "
+                "(compute_mask)"
+            )
+        if key in module._forward_pre_hooks_with_kwargs:
+            raise ConversionError(
+                f"{where}: tensor '{name}': its torch.nn.utils.prune hook ({method}) is registered with_kwargs, "
+                "which prune's hooks do not take"
+            )
+        orig_name, mask_name = name + PRUNE_ORIG_SUFFIX, name + PRUNE_MASK_SUFFIX
+        for attribute in (name, orig_name, mask_name):
+            if attribute in parametrized:
+                raise ConversionError(
+                    f"{where}: tensor '{name}' is pruned by torch.nn.utils.prune and '{attribute}' has a "
+                    "parametrization too; convert can take one of the two"
+                )
+        if name in module._parameters or name in module._buffers or name in module._modules:
+            raise ConversionError(
+                f"{where}: tensor '{name}' is pruned by torch.nn.utils.prune, but '{name}' is also a registered "
+                "parameter, buffer or submodule, where prune keeps a plain attribute"
+            )
+        if module._parameters.get(orig_name) is not None:
+            original, is_parameter, persistent = module._parameters[orig_name], True, True
+        elif module._buffers.get(orig_name) is not None:
+            original, is_parameter = module._buffers[orig_name], False
+            persistent = orig_name not in module._non_persistent_buffers_set
+        else:
+            raise ConversionError(
+                f"{where}: tensor '{name}' is pruned by torch.nn.utils.prune ({method}), but the module has no "
+                f"parameter or buffer '{orig_name}' for it"
+            )
+        mask = module._buffers.get(mask_name)
+        if not isinstance(mask, torch.Tensor):
+            raise ConversionError(
+                f"{where}: tensor '{name}' is pruned by torch.nn.utils.prune ({method}), but the module has no "
+                f"buffer '{mask_name}' for its mask"
+            )
+        if mask.dtype not in (torch.bool, original.dtype) and original.is_floating_point():
+            # prune computes mask.to(dtype=orig.dtype) * orig (a float64 mask
+            # of a float32 tensor gives float32, where mask * orig gives float64).
+            mask = mask.to(dtype=original.dtype)
+        found[name] = (_PrunedTensor(name, original, is_parameter, persistent, mask, PRUNE_HOOK, key), hook)
+    order = list(module._parameters) + list(module._buffers)
+    return sorted((p for p, _ in found.values()), key=lambda p: order.index(p.name + PRUNE_ORIG_SUFFIX))
+
+
+def _holder(row: bool):
+    """The plugin's class that holds a mask of this kind."""
+    return torch.classes.sparsity.FakeStructuredSparsity if row else torch.classes.sparsity.FakeSparsity
+
+
+def _plan_module(fqn: str, module: nn.Module, target: str = "torchscript") -> List[_PrunedTensor]:
+    """Checks that every pruned tensor of ``module`` (a FakeSparsity or
+    FakeStructuredSparsity parametrization of torch.ao.pruning, or a
+    torch.nn.utils.prune hook) can
+    be converted and collects what moves; raises ConversionError naming the
+    module and the tensor otherwise. Empty for a module with nothing pruned."""
+    where = _where(fqn, module)
+    if isinstance(module, nn.RNNBase) and (parametrize.is_parametrized(module) or _prune_hooks(module)):
+        raise ConversionError(
+            f"{where}: recurrent layers read their weights through the list _flat_weights, which "
+            "TorchScript keeps as a plain attribute, so masks could not apply"
+        )
+    plan = _parametrized_tensors(where, module) + _prune_hook_tensors(where, module)
+    for pruned in plan:
+        name, original, mask = pruned.name, pruned.original, pruned.mask
         if not name.isidentifier() or keyword.iskeyword(name):
             raise ConversionError(
                 f"{where}: tensor '{name}' is not a Python identifier, so TorchScript code cannot read it"
             )
         for attribute in (name + ORIGINAL_SUFFIX, name + (SPARSITY_SUFFIX if target == "torchscript" else MASK_SUFFIX)):
+            if pruned.source == PRUNE_HOOK and attribute == name + PRUNE_MASK_SUFFIX:
+                continue  # prune's own mask buffer, which becomes the export target's
             if hasattr(module, attribute):
                 raise ConversionError(
                     f"{where}: cannot hold tensor '{name}' as '{attribute}', the module already has "
                     "an attribute of that name"
                 )
-        original = parametrizations.original
-        mask = parametrizations[0].mask
         if not original.is_floating_point():
             raise ConversionError(
                 f"{where}: tensor '{name}' has dtype {original.dtype}; the plugin's FakeSparsity "
                 "takes floating tensors only"
             )
-        if mask.shape != original.shape:
+        if pruned.row and (original.dim() == 0 or tuple(mask.shape) != tuple(original.shape[:1])):
+            raise ConversionError(
+                f"{where}: the row mask of tensor '{name}' has shape {tuple(mask.shape)} but the tensor "
+                f"has {tuple(original.shape)}; FakeStructuredSparsity needs one entry per slice along dim 0"
+            )
+        if not pruned.row and mask.shape != original.shape:
             raise ConversionError(
                 f"{where}: the mask of tensor '{name}' has shape {tuple(mask.shape)} but the tensor "
                 f"has {tuple(original.shape)}; the plugin's FakeSparsity needs equal shapes"
             )
+        if mask.device != original.device:
+            raise ConversionError(
+                f"{where}: the mask of tensor '{name}' is on {mask.device} but the tensor on {original.device}"
+            )
         try:
-            torch.classes.sparsity.FakeSparsity(mask)  # the plugin's own checks (dtype, layout)
+            _holder(pruned.row)(mask)  # the plugin's own checks (dtype, layout)
         except RuntimeError as error:
             raise ConversionError(f"{where}: the mask of tensor '{name}' is refused: {error}") from None
-        is_parameter = "original" in parametrizations._parameters
-        persistent = "original" not in parametrizations._non_persistent_buffers_set
-        plan.append(_PrunedTensor(name, original, is_parameter, persistent, mask))
     return plan
 
 
@@ -308,25 +559,99 @@ def parametrized_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     }
 
 
+def _source_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The masks of a model before conversion, from either toolkit, by the
+    fqn of the tensor they prune."""
+    result = parametrized_masks(model)
+    for fqn, module in model.named_modules():
+        for _, hook in _prune_hooks(module):
+            name = getattr(hook, "_tensor_name", None)
+            if isinstance(name, str) and isinstance(module._buffers.get(name + PRUNE_MASK_SUFFIX), torch.Tensor):
+                result[f"{fqn}.{name}" if fqn else name] = module._buffers[name + PRUNE_MASK_SUFFIX]
+    return result
+
+
+def _rename_in_place(table: dict, old: str, new: str) -> None:
+    """Renames a key of a module's ``_parameters`` or ``_buffers`` where it
+    stands, so that ``parameters()`` and ``buffers()`` keep their order."""
+    items = [(new if key == old else key, value) for key, value in table.items()]
+    table.clear()
+    table.update(items)
+
+
+def _take_prune_hook_away(module: nn.Module, pruned: _PrunedTensor, keep_mask_buffer: bool) -> None:
+    """Removes what torch.nn.utils.prune added for one tensor: the hook, the
+    plain attribute it computes, the mask buffer (unless ``keep_mask_buffer``:
+    the export target's buffer has the same name), and renames ``<name>_orig``
+    ``<name>_original``."""
+    name = pruned.name
+    del module._forward_pre_hooks[pruned.hook_id]
+    getattr(module, "_forward_pre_hooks_always_called", {}).pop(pruned.hook_id, None)
+    module.__dict__.pop(name, None)  # what the hook computed before the last forward
+    orig, original = name + PRUNE_ORIG_SUFFIX, name + ORIGINAL_SUFFIX
+    if pruned.is_parameter:
+        _rename_in_place(module._parameters, orig, original)
+    else:
+        _rename_in_place(module._buffers, orig, original)
+        if orig in module._non_persistent_buffers_set:
+            module._non_persistent_buffers_set.remove(orig)
+            module._non_persistent_buffers_set.add(original)
+    if not keep_mask_buffer:
+        del module._buffers[name + PRUNE_MASK_SUFFIX]
+        module._non_persistent_buffers_set.discard(name + PRUNE_MASK_SUFFIX)
+
+
 def _apply_plan(module: nn.Module, plan: List[_PrunedTensor], compact_masks: bool, target: str) -> None:
     base = parametrize.type_before_parametrizations(module)
-    names = tuple(p.name for p in plan)
+    names = tuple((p.name, p.row) for p in plan)
+    parametrized = parametrize.is_parametrized(module)
     # The parametrization's class (and its property) goes first, so that
     # nothing below goes through parametrize's __getattr__/__setattr__ logic.
     module.__class__ = _sparse_class(base, names) if target == "torchscript" else _export_class(base, names)
-    del module._modules["parametrizations"]
+    if parametrized:
+        del module._modules["parametrizations"]
     for pruned in plan:
-        if pruned.is_parameter:
+        if pruned.source == PRUNE_HOOK:
+            _take_prune_hook_away(module, pruned, keep_mask_buffer=target == "export")
+        elif pruned.is_parameter:
             module.register_parameter(pruned.name + ORIGINAL_SUFFIX, pruned.original)
         else:
             module.register_buffer(pruned.name + ORIGINAL_SUFFIX, pruned.original, persistent=pruned.persistent)
         mask = compact_mask(pruned.mask, pruned.original) if compact_masks else pruned.mask
         if target == "torchscript":
-            setattr(module, pruned.name + SPARSITY_SUFFIX, torch.classes.sparsity.FakeSparsity(mask))
+            setattr(module, pruned.name + SPARSITY_SUFFIX, _holder(pruned.row)(mask))
         else:
             # Not persistent: masks stay out of state dicts, as with the
             # parametrization (and an exported program keeps them as constants).
+            # prune's own T_mask buffer is replaced where it stands.
             module.register_buffer(pruned.name + MASK_SUFFIX, mask, persistent=False)
+        if pruned.bias_hook is not None:
+            _replace_bias_hook(module, pruned, target)
+
+
+def _replace_bias_hook(module: nn.Module, pruned: _PrunedTensor, target: str) -> None:
+    """The pruner's BiasHook goes; where there is a ``_bias`` to add, the
+    converted hook takes its place, and the rows the mask prunes now are
+    zeroed in ``_bias`` as BiasHook's first forward would (with
+    ``prune_bias``)."""
+    for table in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(module, table, {}).pop(pruned.bias_hook, None)
+    if getattr(module, "_bias", None) is None:
+        return  # BiasHook adds nothing then
+    if module.prune_bias:
+        with torch.no_grad():
+            module._bias[~(pruned.mask != 0)] = 0
+    module.register_forward_hook(_row_mask_bias_hook if target == "torchscript" else _row_mask_bias_hook_export)
+
+
+def _prune_computed_tensors(model: nn.Module) -> List[torch.Tensor]:
+    """The plain attributes ``T`` that torch.nn.utils.prune's hooks compute."""
+    return [
+        module.__dict__[hook._tensor_name]
+        for module in model.modules()
+        for _, hook in _prune_hooks(module)
+        if isinstance(module.__dict__.get(getattr(hook, "_tensor_name", None)), torch.Tensor)
+    ]
 
 
 def _check_scriptable(converted: Dict[type, Tuple[str, nn.Module]]) -> None:
@@ -349,15 +674,36 @@ def convert(
     target: str = "torchscript",
 ) -> nn.Module:
     """Returns ``model`` with every FakeSparsity parametrization of
-    torch.ao.pruning replaced by the plugin's FakeSparsity (see the module
-    docstring for the layout), ready for ``torch.jit.script``; with
-    ``target="export"``, by mask buffers read through the
-    ``fake_sparsity`` operator, ready for torch.export, AOTInductor and
-    torch.compile.
+    torch.ao.pruning and every torch.nn.utils.prune pruning replaced by the
+    plugin's FakeSparsity (see the module docstring for the layout), ready for
+    ``torch.jit.script``; with ``target="export"``, by mask buffers read
+    through the ``fake_sparsity`` operator, ready for torch.export,
+    AOTInductor and torch.compile.
+
+    Taken: a single torch.ao.pruning ``FakeSparsity`` parametrization per
+    tensor; torch.nn.utils.prune's forward pre-hooks of any method whose
+    result is ``mask * orig`` (prune's own methods, ``PruningContainer``, and
+    subclasses of ``BasePruningMethod`` that only define ``compute_mask``), on
+    parameters and buffers of any module at any depth, several per module.
+    Forward pre-hooks that are not prune's stay on their modules.
+    Refused (ConversionError naming the module and the tensor): any other
+    parametrization, or more than one on a tensor; a prune method that
+    overrides ``apply_mask`` or ``__call__``; two prune hooks on one tensor
+    (prune itself combines them into a PruningContainer); a prune method
+    registered anywhere but as a plain forward pre-hook; a tensor both
+    parametrized and pruned by prune (either way round); a prune hook whose
+    ``T_orig`` or ``T_mask`` is missing; a mask whose shape or device is not
+    its tensor's, or whose dtype the plugin refuses; a non-floating tensor; a
+    tensor name that is not an identifier or whose new names are taken;
+    recurrent layers; and, for target "torchscript", a converted module that
+    TorchScript cannot compile (found once converted: see
+    ``check_scriptable``).
 
     With ``inplace=False`` (the default) the model is deep-copied first, so the
-    masks are copies; with ``inplace=True`` the model itself is changed and the
-    FakeSparsity objects hold the sparsifier's very mask tensors.
+    masks are copies and ``model`` stays as it was; with ``inplace=True`` the
+    model itself is changed: its Parameters stay the same objects and the
+    FakeSparsity objects hold the sparsifier's (or prune's ``T_mask``) very
+    mask tensors.
     ``compact_masks`` stores each mask as bool where ``compact_mask`` finds
     that gives the same results (a float32 mask of 0s and 1s, what
     torch.ao.pruning's sparsifiers make, takes four times the memory); masks
@@ -370,7 +716,8 @@ def convert(
     TorchScript, so that a module TorchScript cannot compile is named here
     (target "torchscript" only).
     Anything that cannot be converted raises ConversionError, before the model
-    is changed.
+    is changed (with ``inplace=True`` too); no mask is ever dropped: after
+    conversion no prune hook is left and ``masks`` lists every pruned tensor.
     """
     load_library()
     if target not in TARGETS:
@@ -381,20 +728,19 @@ def convert(
         raise ConversionError("the model is already a ScriptModule; convert the eager model before scripting it")
     # Every refusal comes before anything is copied or changed.
     for fqn, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            _plan_module(fqn, module, target)
+        _plan_module(fqn, module, target)
     if not inplace:
+        # The tensors torch.nn.utils.prune's hooks compute (plain attributes,
+        # not graph leaves) refuse deepcopy; the copies go without them.
+        memo = {id(tensor): None for tensor in _prune_computed_tensors(model)}
         try:
-            model = copy.deepcopy(model)
+            model = copy.deepcopy(model, memo)
         except Exception as error:
             raise ConversionError(
                 f"copy.deepcopy(model) failed ({error}); convert(model, inplace=True) converts the model itself"
             ) from error
-    plans = [
-        (fqn, module, _plan_module(fqn, module, target))
-        for fqn, module in model.named_modules()
-        if parametrize.is_parametrized(module)
-    ]
+    plans = [(fqn, module, _plan_module(fqn, module, target)) for fqn, module in model.named_modules()]
+    plans = [(fqn, module, plan) for fqn, module, plan in plans if plan]
     if compact_masks is None:
         compact_masks = not inplace
     converted = {}
@@ -442,24 +788,29 @@ def fake_sparsities(model) -> Dict[str, "torch.ScriptObject"]:
     return result
 
 
-_FAKE_SPARSITY_TYPE = "__torch__.torch.classes.sparsity.FakeSparsity"
+_MASK_HOLDER_TYPES = (
+    "__torch__.torch.classes.sparsity.FakeSparsity",
+    "__torch__.torch.classes.sparsity.FakeStructuredSparsity",
+)
 
 
 def _exported_masks(program) -> Dict[str, torch.Tensor]:
     """The masks of an ExportedProgram: the second input of every
-    ``fake_sparsity`` call, by the fqn of the tensor in its first input;
-    and those of the FakeSparsity objects it holds (a TorchScript-target
-    model exported for inference), by the fqn of the tensor they prune."""
+    ``fake_sparsity`` or ``fake_structured_sparsity`` call, by the fqn of the
+    tensor in its first input; and those of the FakeSparsity and
+    FakeStructuredSparsity objects it holds (a TorchScript-target model
+    exported for inference), by the fqn of the tensor they prune."""
     result = {}
     for name, constant in program.constants.items():
-        if isinstance(constant, torch.ScriptObject) and constant._type().qualified_name() == _FAKE_SPARSITY_TYPE:
+        if isinstance(constant, torch.ScriptObject) and constant._type().qualified_name() in _MASK_HOLDER_TYPES:
             if name.endswith(SPARSITY_SUFFIX):
                 result[name[: -len(SPARSITY_SUFFIX)]] = constant.mask
     signature = program.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     tensors = {**program.state_dict, **program.constants}
+    operators = (torch.ops.sparsity.fake_sparsity.default, torch.ops.sparsity.fake_structured_sparsity.default)
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.sparsity.fake_sparsity.default:
+        if node.op != "call_function" or node.target not in operators:
             continue
         x, mask = node.args[:2]
         x_name, mask_name = state.get(getattr(x, "name", None)), state.get(getattr(mask, "name", None))
@@ -487,6 +838,27 @@ def masks(obj) -> Dict[str, torch.Tensor]:
     return result
 
 
+def _row_view(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A mask as it multiplies ``tensor``: itself, or a row mask reshaped to
+    ``[-1, 1, ...]``, as FakeStructuredSparsity does."""
+    if mask.shape == tensor.shape:
+        return mask
+    return mask.reshape(-1, *([1] * (tensor.dim() - 1)))
+
+
+def _squash_one(module, name: str, mask: torch.Tensor, inplace_op) -> None:
+    original = getattr(module, name + ORIGINAL_SUFFIX)
+    with torch.no_grad():
+        if mask.shape == original.shape:
+            inplace_op(original, mask)
+        else:
+            original.mul_(_row_view(mask, original))  # what fake_structured_sparsity computes
+            if name == "weight" and getattr(module, "_bias", None) is not None and getattr(module, "prune_bias", False):
+                # The converted BiasHook zeroes the pruned rows of the bias
+                # while a mask is held; squashed, the bias holds the zeros.
+                module._bias[~(mask != 0)] = 0
+
+
 def squash(model):
     """Multiplies each mask into its tensor in place and drops the masks, in a
     converted model of either target, eager or scripted. The result computes
@@ -495,17 +867,16 @@ def squash(model):
     Target "torchscript" uses the plugin's ``fake_sparsity_`` (scripted code
     can call it too); target "export" uses ``Tensor.mul_``, which is the same
     computation and which torch.compile and AOTInductor accept (they refuse a
-    custom operator that returns an alias of its input)."""
+    custom operator that returns an alias of its input). A row mask
+    multiplies as ``mask.reshape(-1, 1, ...)``, and a structured pruner's
+    bias gets its pruned rows zeroed (``prune_bias``)."""
     load_library()
     for module_fqn, module in model.named_modules():
         for name in _pruned_tensor_names(module):
-            sparsity = getattr(module, name + SPARSITY_SUFFIX)
-            with torch.no_grad():
-                torch.ops.sparsity.fake_sparsity_(getattr(module, name + ORIGINAL_SUFFIX), sparsity.mask)
+            _squash_one(module, name, getattr(module, name + SPARSITY_SUFFIX).mask, torch.ops.sparsity.fake_sparsity_)
             setattr(module, name + SPARSITY_SUFFIX, None)
         for name in _pruned_tensor_names(module, MASK_SUFFIX):
-            with torch.no_grad():
-                getattr(module, name + ORIGINAL_SUFFIX).mul_(getattr(module, name + MASK_SUFFIX))
+            _squash_one(module, name, getattr(module, name + MASK_SUFFIX), torch.Tensor.mul_)
             module.register_buffer(name + MASK_SUFFIX, None, persistent=False)
     return model
 
@@ -656,7 +1027,7 @@ def main(argv=None) -> int:
     sparsities = fake_sparsities(scripted)
     print(f"converted {len(sparsities)} pruned tensors; scripted model saved to {args.output}")
     print(f"masks: {_describe_masks(sparsities)} "
-          f"(as the sparsifier made them: {_describe_masks(parametrized_masks(model))})")
+          f"(as the sparsifier made them: {_describe_masks(_source_masks(model))})")
 
     if input_shape:
         example = torch.randn(input_shape)

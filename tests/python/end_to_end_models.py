@@ -62,18 +62,41 @@ def _lively_random_weights(model: torch.nn.Module, example: torch.Tensor) -> Non
     model.eval()
 
 
-def pruned_model(name: str, method: str, seed: int = 0):
+# torch.nn.utils.prune's methods, as pruned_model applies them.
+NN_UTILS_PRUNE_METHODS = ("l1_unstructured", "ln_structured", "global_unstructured")
+
+
+def _prune_with_nn_utils(model: torch.nn.Module, method: str) -> None:
+    """Every Linear and Conv weight to 50% with torch.nn.utils.prune: by
+    magnitude, by L2-norm of output channels, or by magnitude over all of them."""
+    from torch.nn.utils import prune
+
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    if method == "global_unstructured":
+        prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=0.5)
+    for module, name in weights:
+        if method == "l1_unstructured":
+            prune.l1_unstructured(module, name, amount=0.5)
+        elif method == "ln_structured":
+            prune.ln_structured(module, name, amount=0.5, n=2, dim=0)
+
+
+def pruned_model(name: str, method: str, seed: int = 0, input_shape=None, **model_args):
     """torchvision model `name` (random weights, eval mode) pruned by
     `method`: "weight_norm" (every Linear and Conv weight to 50%) or "hand_made"
-    (hand_made_masks). Returns (model, example input)."""
+    (hand_made_masks) with torch.ao.pruning, or one of NN_UTILS_PRUNE_METHODS
+    with torch.nn.utils.prune. `input_shape` and `model_args` (vit_b_16's
+    image_size) change the defaults. Returns (model, example input)."""
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
-    example = torch.randn(INPUT_SHAPES[name])
+    model = torchvision.models.get_model(name, weights=None, **model_args)
+    example = torch.randn(input_shape or INPUT_SHAPES[name])
     _lively_random_weights(model, example)
     if method == "weight_norm":
         prune_with_weight_norm(model, 0.5)
     elif method == "hand_made":
         prepare_with_masks(model, hand_made_masks(model))
+    elif method in NN_UTILS_PRUNE_METHODS:
+        _prune_with_nn_utils(model, method)
     else:
         raise ValueError(method)
     return model, example

@@ -176,6 +176,46 @@ def test_model_with_hand_written_layers(tmp_path):
     assert not (tmp_path / "squashed.pt").exists()
 
 
+def test_model_pruned_with_nn_utils_prune(tmp_path):
+    """A model pruned with torch.nn.utils.prune (magnitude, channels, a bias),
+    converted and scripted: listed, run, re-pruned and squashed."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    eager = small_cnn().eval()
+    prune.l1_unstructured(eager[0], "weight", amount=0.5)
+    prune.ln_structured(eager[4], "weight", amount=0.4, n=2, dim=0)
+    prune.random_unstructured(eager[4], "bias", amount=0.4)
+    example = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = eager(example)
+    paths = {name: tmp_path / f"{name}.pt" for name in ["model", "input", "expected", "pruned", "squashed"]}
+    torch.jit.script(convert(eager)).save(str(paths["model"]))
+    torch.save(example, paths["input"])
+    torch.save(expected, paths["expected"])
+
+    out = run_ok(paths["model"], "--input", paths["input"], "--expect", paths["expected"], "--atol", "0", "--runs", "1")
+    assert "pruned tensors: 3\n" in out and "max |output - expected| = 0.000e+00" in out
+    for fqn in ["0.weight", "4.weight", "4.bias"]:
+        module_fqn, _, name = fqn.partition(".")
+        mask = getattr(eager.get_submodule(module_fqn), name + "_mask")
+        shape = "[" + ", ".join(str(s) for s in mask.shape) + "]"
+        level = (mask == 0).float().mean().item()
+        assert re.search(rf"^  {re.escape(fqn)} +{re.escape(shape)} +bool +{level:.3f}$", out, re.M), out
+
+    out = run_ok(paths["model"], "--prune", "0.75", "--save", paths["pruned"])
+    assert "re-pruned 3 tensors by magnitude to sparsity 0.75" in out
+    assert all((s.mask == 0).sum().item() == round(0.75 * s.mask.numel())
+               for s in fake_sparsities(torch.jit.load(str(paths["pruned"]))).values())
+
+    out = run_ok(paths["model"], "--input", paths["input"], "--runs", "1", "--squash", "--save", paths["squashed"])
+    assert "squashed 3 masks into their tensors; the model holds no masks now" in out
+    squashed = torch.jit.load(str(paths["squashed"]))
+    assert fake_sparsities(squashed) == {}
+    with torch.no_grad():
+        assert torch.equal(squashed(example), expected)
+
+
 def _bad_cases(paths, tmp):
     model = paths["model"]
     return [
