@@ -1,7 +1,7 @@
 // sparsity_run: the C++ side of a pruned model's trip to LibTorch. It loads a
 // TorchScript model whose pruned tensors go through
-// torch.classes.sparsity.FakeSparsity (as `python -m torch_sparsity.convert`
-// writes them), or an AOTInductor package of a model converted with
+// torch.classes.sparsity.FakeSparsity or FakeStructuredSparsity (as
+// `python -m torch_sparsity.convert` writes them), or an AOTInductor package of a model converted with
 // target="export" (torch_sparsity.aoti.compile), lists the pruned tensors,
 // can change their masks, runs and times inference, and for TorchScript
 // models squashes the masks into the weights and saves the result.
@@ -39,7 +39,8 @@ namespace {
 
 constexpr const char* kUsage = R"(usage: sparsity_run MODEL.pt|PACKAGE.pt2 [options]
 
-Loads a TorchScript model pruned with torch.classes.sparsity.FakeSparsity, or
+Loads a TorchScript model pruned with torch.classes.sparsity.FakeSparsity (or
+FakeStructuredSparsity, row masks), or
 an AOTInductor package (.pt2) written by torch_sparsity.aoti.compile, applies
 the mask changes asked for, prints each pruned tensor's fqn, shape and
 sparsity, runs inference if an input is given, squashes and saves if asked
@@ -50,9 +51,10 @@ masks:
   --set-mask FQN=FILE  set the mask of pruned tensor FQN (e.g. layer1.0.conv1.weight)
                        from FILE, a tensor saved by Python's torch.save; repeatable
   --prune LEVEL        re-prune every pruned tensor by magnitude: its mask zeroes the
-                       round(LEVEL * numel) entries of smallest |value| (0 <= LEVEL <= 1)
+                       round(LEVEL * numel) entries of smallest |value| (0 <= LEVEL <= 1);
+                       a row mask zeroes the round(LEVEL * rows) rows of smallest L1 norm
   --squash             multiply each mask into its tensor (fake_sparsity_) and drop
-                       the FakeSparsity objects: the model then holds no masks
+                       the mask objects: the model then holds no masks
 inference:
   --input FILE         input tensor saved by torch.save
   --shape N,C,H,W      or a random normal input of this shape (--seed, default 0)
@@ -302,9 +304,24 @@ class PrunedModel {
   std::vector<std::string> fqns_;
 };
 
-bool is_fake_sparsity(const c10::IValue& value) {
+// A FakeSparsity or FakeStructuredSparsity object.
+bool is_mask_holder(const c10::IValue& value) {
   return value.isCustomClass() &&
-      value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeSparsity>>();
+      (value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeSparsity>>() ||
+       value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeStructuredSparsity>>());
+}
+
+c10::intrusive_ptr<sparsity::MaskHolder> as_mask_holder(const c10::IValue& value) {
+  if (value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeSparsity>>()) {
+    return value.toCustomClass<sparsity::FakeSparsity>();
+  }
+  return value.toCustomClass<sparsity::FakeStructuredSparsity>();
+}
+
+// A row mask (FakeStructuredSparsity, or a structured mask of an
+// AOTInductor package): one entry per slice of the tensor along dim 0.
+bool is_row_mask(const at::Tensor& mask, c10::IntArrayRef tensor_shape) {
+  return mask.sizes() != tensor_shape;
 }
 
 bool ends_with(const std::string& text, const std::string& suffix) {
@@ -369,7 +386,14 @@ class ScriptedModel : public PrunedModel {
       {
         c10::NoGradGuard no_grad;
         at::Tensor target = tensor.tensor;
-        sparsity::ops::fake_sparsity_(target, tensor.sparsity->mask());
+        const at::Tensor mask = tensor.sparsity->mask();
+        if (is_row_mask(mask, target.sizes())) {
+          std::vector<int64_t> rows(target.dim(), 1);
+          rows[0] = -1;
+          target.mul_(mask.reshape(rows)); // what fake_structured_sparsity computes
+        } else {
+          sparsity::ops::fake_sparsity_(target, mask);
+        }
       }
       tensor.owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
     }
@@ -387,7 +411,8 @@ class ScriptedModel : public PrunedModel {
   }
 
  private:
-  // One pruned tensor: `owner.<name>_sparsity` is its FakeSparsity object,
+  // One pruned tensor: `owner.<name>_sparsity` is its FakeSparsity (or
+  // FakeStructuredSparsity) object,
   // and the tensor the mask applies to is `owner.<name>_original` (the
   // converter's layout) or else `owner.<name>` (a hand-written module that
   // calls `self.<name>_sparsity.forward(self.<name>)`).
@@ -396,16 +421,17 @@ class ScriptedModel : public PrunedModel {
     torch::jit::Module owner;
     std::string name;
     at::Tensor tensor;
-    c10::intrusive_ptr<sparsity::FakeSparsity> sparsity;
+    c10::intrusive_ptr<sparsity::MaskHolder> sparsity;
   };
 
   void find_pruned_tensors() {
     for (const auto& module : model_.named_modules()) {
-      if (!sparsity::utils::module_contains_param(module.value, "FakeSparsity")) {
+      if (!sparsity::utils::module_contains_param(module.value, "FakeSparsity") &&
+          !sparsity::utils::module_contains_param(module.value, "FakeStructuredSparsity")) {
         continue;
       }
       for (const auto& attribute : module.value.named_attributes(/*recurse=*/false)) {
-        if (!is_fake_sparsity(attribute.value) || !ends_with(attribute.name, kSparsitySuffix)) {
+        if (!is_mask_holder(attribute.value) || !ends_with(attribute.name, kSparsitySuffix)) {
           continue;
         }
         const std::string name = attribute.name.substr(0, attribute.name.size() - std::string(kSparsitySuffix).size());
@@ -423,7 +449,7 @@ class ScriptedModel : public PrunedModel {
         pruned.owner = module.value;
         pruned.name = name;
         pruned.tensor = tensor.toTensor();
-        pruned.sparsity = attribute.value.toCustomClass<sparsity::FakeSparsity>();
+        pruned.sparsity = as_mask_holder(attribute.value);
         fqns_.push_back(pruned.fqn);
         pruned_.push_back(std::move(pruned));
       }
@@ -533,11 +559,15 @@ void set_mask_from_file(PrunedModel& model, size_t i, const std::string& path) {
 }
 
 // Zeroes the mask at the round(level * numel) entries of smallest |tensor|
-// (the tensor before masking, so a mask can grow back), ones elsewhere.
+// (the tensor before masking, so a mask can grow back), ones elsewhere. A row
+// mask zeroes whole rows: those of smallest L1 norm, as torch.ao.pruning's
+// SaliencyPruner ranks them.
 void prune_by_magnitude(PrunedModel& model, size_t i, double level) {
   c10::NoGradGuard no_grad;
   const at::Tensor tensor = model.values(i);
-  const at::Tensor magnitude = tensor.detach().abs().flatten();
+  const bool rows = is_row_mask(model.mask(i), tensor.sizes());
+  const at::Tensor magnitude =
+      rows ? tensor.detach().abs().reshape({tensor.size(0), -1}).sum(1) : tensor.detach().abs().flatten();
   const int64_t numel = magnitude.numel();
   const auto zeros = static_cast<int64_t>(std::llround(level * static_cast<double>(numel)));
   at::Tensor mask = at::ones({numel}, magnitude.options().dtype(at::kBool));
@@ -545,7 +575,7 @@ void prune_by_magnitude(PrunedModel& model, size_t i, double level) {
     const at::Tensor smallest = std::get<1>(at::topk(magnitude, zeros, /*dim=*/0, /*largest=*/false));
     mask.index_fill_(0, smallest, false);
   }
-  model.set_mask(i, mask.view(tensor.sizes()));
+  model.set_mask(i, rows ? mask : mask.view(tensor.sizes()));
 }
 
 void print_pruned_tensors(const PrunedModel& model) {

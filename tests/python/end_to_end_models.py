@@ -81,11 +81,40 @@ def _prune_with_nn_utils(model: torch.nn.Module, method: str) -> None:
             prune.ln_structured(module, name, amount=0.5, n=2, dim=0)
 
 
+# torch.ao.pruning's structured pruners, as pruned_model applies them:
+# SaliencyPruner pruning the biases' rows too (its default), FPGMPruner not.
+STRUCTURED_PRUNER_METHODS = ("saliency", "fpgm_keep_bias")
+
+
+# torch.ao.pruning's BiasHook adds the bias along dim 1 of the output, which
+# fails on a Linear's 3-d output ([batch, tokens, features]): in vit_b_16
+# only the patch projection and the head can be pruned so.
+STRUCTURED_PRUNABLE = {"vit_b_16": ("conv_proj", "heads.head")}
+
+
+def prune_structured(model: torch.nn.Module, method: str, level: float = 0.5, only=None) -> None:
+    """Rows (output channels) of every Linear and Conv2d weight (or of the
+    modules named in `only`) to `level` with a torch.ao.pruning structured
+    pruner (FakeStructuredSparsity and BiasHook), masks computed."""
+    from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
+
+    pruner = SaliencyPruner({}) if method == "saliency" else FPGMPruner(level)
+    prune_bias = method == "saliency"
+    config = [
+        {"tensor_fqn": f"{fqn}.weight", "sparsity_level": level, "prune_bias": prune_bias}
+        for fqn, m in model.named_modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and (only is None or fqn in only)
+    ]
+    pruner.prepare(model, config)
+    pruner.step()
+
+
 def pruned_model(name: str, method: str, seed: int = 0, input_shape=None, **model_args):
     """torchvision model `name` (random weights, eval mode) pruned by
     `method`: "weight_norm" (every Linear and Conv weight to 50%) or "hand_made"
-    (hand_made_masks) with torch.ao.pruning, or one of NN_UTILS_PRUNE_METHODS
-    with torch.nn.utils.prune. `input_shape` and `model_args` (vit_b_16's
+    (hand_made_masks) with torch.ao.pruning, one of STRUCTURED_PRUNER_METHODS
+    (prune_structured), or one of NN_UTILS_PRUNE_METHODS with
+    torch.nn.utils.prune. `input_shape` and `model_args` (vit_b_16's
     image_size) change the defaults. Returns (model, example input)."""
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None, **model_args)
@@ -97,6 +126,8 @@ def pruned_model(name: str, method: str, seed: int = 0, input_shape=None, **mode
         prepare_with_masks(model, hand_made_masks(model))
     elif method in NN_UTILS_PRUNE_METHODS:
         _prune_with_nn_utils(model, method)
+    elif method in STRUCTURED_PRUNER_METHODS:
+        prune_structured(model, method, only=STRUCTURED_PRUNABLE.get(name))
     else:
         raise ValueError(method)
     return model, example
