@@ -140,10 +140,40 @@ void apply_mask_flat(
   });
 }
 
-// A row mask (one entry per slice along dim 0) on contiguous x and out: the
-// flat loops run over each row with a small mask block filled with that
-// row's entry, which stays in L1, so the kernel moves the bytes of a copy of
-// x and no more, with the same vectorised loops and rounding as fake_sparsity.
+// A row mask (one entry per slice along dim 0) on contiguous x and out.
+// float and double x: each row is one scalar times the row, which moves the
+// bytes of a copy of x. float16 and bfloat16 x: the flat loops (and their
+// conversion intrinsics) over the row with a small mask block filled with
+// that row's entry, which stays in L1. Either way the rounding is that of
+// fake_sparsity.
+template <typename out_t, typename x_t, typename compute_t>
+__attribute__((always_inline)) inline void scalar_mask_loop(out_t* out, const x_t* x, compute_t m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<out_t>(m * static_cast<compute_t>(x[i]));
+  }
+}
+
+template <typename out_t, typename x_t>
+struct ScalarMaskLoop {
+  static constexpr bool available = false;
+};
+
+#define SPARSITY_DEFINE_SCALAR_MASK_LOOP(OUT, X)                                         \
+  SPARSITY_CPU_CLONES void scalar_mask_loop_##OUT##_##X(OUT* out, const X* x, OUT m, int64_t n) { \
+    scalar_mask_loop<OUT, X, OUT>(out, x, m, n);                                          \
+  }                                                                                       \
+  template <>                                                                             \
+  struct ScalarMaskLoop<OUT, X> {                                                         \
+    static constexpr bool available = true;                                               \
+    static void run(OUT* out, const X* x, OUT m, int64_t n) {                             \
+      scalar_mask_loop_##OUT##_##X(out, x, m, n);                                         \
+    }                                                                                     \
+  };
+
+SPARSITY_DEFINE_SCALAR_MASK_LOOP(float, float)
+SPARSITY_DEFINE_SCALAR_MASK_LOOP(double, double)
+SPARSITY_DEFINE_SCALAR_MASK_LOOP(double, float)
+
 constexpr int64_t kRowMaskBlock = 2048;
 
 template <typename out_t, typename x_t, typename mask_t>
@@ -156,6 +186,25 @@ void apply_row_mask_flat(
     int64_t row_numel) {
   using storage_t = mask_storage_t<out_t, x_t, mask_t>;
   const auto* mask_storage = reinterpret_cast<const storage_t*>(mask);
+  if constexpr (ScalarMaskLoop<out_t, x_t>::available) {
+    // out_t is the op-math type of the promoted dtype here (float or double).
+    at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t row = i / row_numel;
+        const int64_t n = std::min(end, (row + 1) * row_numel) - i;
+        const storage_t entry = mask_storage[row * mask_stride];
+        out_t m;
+        if constexpr (std::is_same_v<mask_t, bool>) {
+          m = static_cast<out_t>(entry != 0);
+        } else {
+          m = static_cast<out_t>(entry);
+        }
+        ScalarMaskLoop<out_t, x_t>::run(out + i, x + i, m, n);
+        i += n;
+      }
+    });
+    return;
+  }
   const auto loop = pick_flat_loop<out_t, x_t, mask_t>();
   at::parallel_for(0, numel, kGrainSize, [=](int64_t begin, int64_t end) {
     storage_t block[kRowMaskBlock];

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CPU benchmark of sparsity::fake_sparsity against mask * x.
+"""CPU benchmark of sparsity::fake_sparsity against mask * x, and of
+fake_structured_sparsity against mask.reshape(-1, 1) * x and a copy of x.
 
 Every figure comes from this one run: the median time of the plugin's
 operator, of `mask * x` with the same mask, of `mask * x` with a float32
@@ -70,6 +71,23 @@ def _fake_sparsity_inplace_loop(y: torch.Tensor, mask: torch.Tensor, calls: int)
     for _ in range(calls):
         torch.ops.sparsity.fake_sparsity_(y, mask)
     return y
+
+
+@torch.jit.script
+def _structured_loop(x: torch.Tensor, mask: torch.Tensor, calls: int) -> torch.Tensor:
+    out = x
+    for _ in range(calls):
+        out = torch.ops.sparsity.fake_structured_sparsity(x, mask)
+    return out
+
+
+@torch.jit.script
+def _row_mul_loop(x: torch.Tensor, mask: torch.Tensor, calls: int) -> torch.Tensor:
+    out = x
+    rows = mask.reshape(-1, 1)
+    for _ in range(calls):
+        out = rows * x
+    return out
 
 
 @torch.jit.script
@@ -170,6 +188,44 @@ def bench_size(numel: int, x_dtype: torch.dtype, mask_dtypes, repeat: int):
     return rows
 
 
+STRUCTURED_ROWS = 512
+
+
+def bench_structured(numel: int, mask_dtypes, repeat: int):
+    """fake_structured_sparsity on a [512, numel / 512] float32 x (the rows of
+    a weight) against mask.reshape(-1, 1) * x, and against copies of x: into
+    fresh memory (clone, which allocates as both do) and into a preallocated
+    tensor (copy_). A row mask is 512 entries: the bytes are those of a copy."""
+    x = torch.randn(STRUCTURED_ROWS, numel // STRUCTURED_ROWS)
+    keep = torch.rand(STRUCTURED_ROWS) > 0.5
+    masks = {dtype: keep.to(dtype) for dtype in mask_dtypes}
+    copy_out = torch.empty_like(x)
+    calls = max(1, (1 << 20) // numel)
+    fns = {"copy": lambda: _copy_loop(x, copy_out, calls), "clone": lambda: _clone_loop(x, calls)}
+    for dtype, mask in masks.items():
+        fns[f"ours_{dtype}"] = lambda mask=mask: _structured_loop(x, mask, calls)
+        fns[f"mul_{dtype}"] = lambda mask=mask: _row_mul_loop(x, mask, calls)
+    samples = interleaved_samples(fns, repeat)
+    samples = {name: [t / calls for t in s] for name, s in samples.items()}
+    t = {name: median(s) for name, s in samples.items()}
+    copy_bytes = 2 * x.element_size() * x.numel()
+    rows = []
+    for dtype in masks:
+        ours = t[f"ours_{dtype}"]
+        rows.append({
+            "elements": x.numel(),
+            "mask": str(dtype).replace("torch.", ""),
+            "ours_ms": ours * 1e3,
+            "mul_ms": t[f"mul_{dtype}"] * 1e3,
+            "clone_ms": t["clone"] * 1e3,
+            "vs_mul": paired_ratio(samples[f"mul_{dtype}"], samples[f"ours_{dtype}"]),
+            "vs_clone": paired_ratio(samples["clone"], samples[f"ours_{dtype}"]),
+            "GBps": copy_bytes / ours / 1e9,
+            "of_copy_bw": t["copy"] / ours,
+        })
+    return rows
+
+
 def size_label(numel: int) -> str:
     for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if numel >= unit and numel % unit == 0:
@@ -218,7 +274,7 @@ DEFAULT_SIZES = ["1K", "4K", "16K", "64K", "256K", "1M", "4M", "16M", "64M"]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="element counts (K, M, G suffixes)")
+    parser.add_argument("--sizes", nargs="*", default=DEFAULT_SIZES, help="element counts (K, M, G suffixes)")
     parser.add_argument("--x-dtypes", nargs="+", default=["float32"], help="x dtypes run at --sizes")
     parser.add_argument("--half-sizes", nargs="*", default=["16M"], help="sizes at which float16 and bfloat16 x run too")
     parser.add_argument("--repeat", type=int, default=50)
@@ -226,6 +282,8 @@ def main():
     parser.add_argument("--mask-dtypes", nargs="+", default=["float32", "bool", "uint8"])
     parser.add_argument("--plot", default=None, help="write a PNG of throughput against size (needs matplotlib)")
     parser.add_argument("--json", default=None, help="write every row as JSON")
+    parser.add_argument("--structured-sizes", nargs="*", default=["1M", "16M"],
+                        help="sizes at which fake_structured_sparsity runs (float32 x of 512 rows)")
     args = parser.parse_args()
 
     if args.threads:
@@ -251,11 +309,28 @@ def main():
             if r["vs_mul"] < 1.0:
                 slower.append(f"{size} {r['x']} x, {r['mask']} mask: {r['vs_mul']:.3f}x")
     print("slower than mask * x: " + ("; ".join(slower) if slower else "none"))
+    structured = []
+    if args.structured_sizes:
+        print("\n| elements | row mask | fake_structured_sparsity ms | mask.reshape(-1, 1) * x ms | clone ms "
+              "| speed-up vs mask * x | vs clone | GB/s | of copy_ bandwidth |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for size in args.structured_sizes:
+        for r in bench_structured(parse_size(size), mask_dtypes, args.repeat):
+            structured.append(r)
+            print(f"| {size} | {r['mask']} | {r['ours_ms']:.3f} | {r['mul_ms']:.3f} | {r['clone_ms']:.3f} "
+                  f"| {r['vs_mul']:.2f}x | {r['vs_clone']:.2f}x | {r['GBps']:.1f} | {100 * r['of_copy_bw']:.0f}% |",
+                  flush=True)
+            if r["vs_mul"] < 1.0:
+                slower.append(f"structured {size}, {r['mask']} mask: {r['vs_mul']:.3f}x")
+    if structured:
+        print("slower than mask * x (both operators): " + ("; ".join(slower) if slower else "none"))
     load_after = os.getloadavg()
     print(f"# load average {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} at end")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"load_before": load_before, "load_after": load_after, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"load_before": load_before, "load_after": load_after, "rows": rows, "structured": structured}, indent=1
+        ))
     if args.plot:
         plot(rows, args.plot)
         print(f"# plot: {args.plot}")
