@@ -222,16 +222,21 @@ def _export_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
     return _export_classes[key]
 
 
-def _add_bias(output: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], prune_bias: bool):
+def _add_bias(output: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], prune_bias: bool,
+              write_zeros: bool) -> torch.Tensor:
     """What torch.ao.pruning's BiasHook adds after a structured-pruned
     module's forward: ``_bias`` (detached: BiasHook reads ``.data``) along
     dim 1 of the output, its pruned rows zeroed when ``prune_bias``. BiasHook
-    writes those zeros into ``_bias`` itself on every forward; here ``convert``
-    and ``squash`` write them once and the forward selects, so the output is
-    the same without an in-place write that export and compile would refuse."""
+    writes those zeros into ``_bias`` itself on every forward; so does
+    ``write_zeros`` (target "torchscript"). Target "export" only selects
+    (export and compile refuse a write into a parameter): ``convert`` and
+    ``squash`` write the zeros of the masks they see."""
     bias = bias.detach()
     if prune_bias and mask is not None:
-        bias = torch.where(mask != 0, bias, torch.zeros_like(bias))
+        if write_zeros:
+            bias.masked_fill_(mask == 0, 0.0)
+        else:
+            bias = torch.where(mask != 0, bias, torch.zeros_like(bias))
     shape = [1] * output.dim()
     shape[1] = -1
     return output + bias.reshape(shape)
@@ -243,12 +248,12 @@ def _row_mask_bias_hook(module, input: Tuple[torch.Tensor], output: torch.Tensor
     mask: Optional[torch.Tensor] = None
     if sparsity is not None:
         mask = sparsity.mask
-    return _add_bias(output, module._bias, mask, module.prune_bias)
+    return _add_bias(output, module._bias, mask, module.prune_bias, True)
 
 
 def _row_mask_bias_hook_export(module, input, output):
     """BiasHook for target "export"."""
-    return _add_bias(output, module._bias, module.weight_mask, module.prune_bias)
+    return _add_bias(output, module._bias, module.weight_mask, module.prune_bias, False)
 
 
 # ------------------------------------------------------------------ convert

@@ -306,3 +306,20 @@ def test_module_contains_param_sees_structured_sparsity():
     # torch.jit.trace keeps parametrize's layout, which the operator reads too.
     traced = torch.jit.trace(model, torch.randn(2, 3, 6, 6), check_trace=False)
     assert module_contains_param(traced.fc1, "FakeStructuredSparsity")
+
+
+def test_a_row_pruned_then_kept_again_keeps_a_zero_bias_as_biashook_does():
+    """BiasHook writes the zeros into _bias; the TorchScript target's hook
+    too (the export target's only selects: docs/end_to_end.md)."""
+    model, x = small_pruned("saliency")
+    scripted = torch.jit.script(convert(model))
+    eager_mask, live = structured_masks(model)["fc1.weight"], masks(scripted)["fc1.weight"]
+    kept = int(eager_mask.nonzero()[0])
+    with torch.no_grad():
+        for mask in (eager_mask, live):
+            mask[kept] = False
+        assert_bitwise_equal(scripted(x), model(x))
+        for mask in (eager_mask, live):
+            mask[kept] = True
+        assert_bitwise_equal(scripted(x), model(x))
+    assert scripted.fc1._bias[kept] == 0 and model.fc1._bias[kept] == 0
