@@ -6,6 +6,7 @@
 #include <ATen/ops/_lazy_clone.h>
 #include <ATen/ops/count_nonzero.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/COW.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -187,6 +188,12 @@ void MaskHolder::update_mask(const at::Tensor& m) {
       m.sizes(),
       " must equal the held mask shape ",
       mask_.sizes());
+  // Checked here, before the write: copy_ would raise only after writing.
+  TORCH_CHECK(
+      !mask_.is_inference() || c10::InferenceMode::is_enabled(),
+      kind_.class_name,
+      ".update_mask: the held mask is an inference tensor, which can be modified in place only in "
+      "inference mode (torch.inference_mode())");
   c10::AutoGradMode no_grad(false);
   mask_.copy_(m);
   clear_cache(); // the version bump of copy_ would do; this frees the memory now

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -143,11 +144,19 @@ template <typename x_t, typename mask_t>
 using promoted_t = typename promoted<x_t, mask_t>::type;
 
 // In-place writes into x: x must not write one element twice, and mask must
-// not partly alias x. Needs real storage, so the device kernels call it.
+// not partly alias x. Needs real storage, so the device kernels call it. An
+// inference tensor can be written only in inference mode, as aten's in-place
+// operators require (it has no version counter that would tell autograd);
+// it reaches the device kernels directly, as it has no autograd key.
 inline void check_inplace_overlap(
     const char* op_name,
     const at::Tensor& x,
     const at::Tensor& mask) {
+  TORCH_CHECK(
+      !x.is_inference() || c10::InferenceMode::is_enabled(),
+      op_name,
+      ": x is an inference tensor, which can be modified in place only in inference mode "
+      "(torch.inference_mode()); clone() it first");
   TORCH_CHECK(
       at::has_internal_overlap(x) != at::MemOverlap::Yes,
       op_name,

@@ -169,6 +169,10 @@ at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
       !(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
       "fake_sparsity_: x is a leaf tensor that requires grad and cannot be "
       "modified in place; use fake_sparsity, or call it under torch.no_grad()");
+  // What aten's in-place operators refuse before writing too: a view of a
+  // leaf that requires grad, an output of unbind() or split() (views that
+  // cannot be rebased), ...
+  torch::autograd::check_inplace(x, needs_graph(x, mask));
   if (!needs_graph(x, mask)) {
     call_fake_sparsity__below_autograd(x, mask);
     torch::autograd::increment_version(x);

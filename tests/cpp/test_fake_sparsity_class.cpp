@@ -128,3 +128,34 @@ TEST(FakeSparsityClass, CacheUnderConcurrentForwardsAndUpdates) {
   fs->set_cache_enabled(false);
   EXPECT_FALSE(fs->cache_enabled());
 }
+
+TEST(FakeStructuredSparsityClass, ForwardUpdateAndSaveLoadInAModule) {
+  using sparsity::FakeStructuredSparsity;
+  torch::manual_seed(0);
+  const at::Tensor mask = torch::tensor({true, false, true});
+  auto holder = c10::make_intrusive<FakeStructuredSparsity>(mask);
+  const at::Tensor weight = torch::randn({3, 4});
+  EXPECT_TRUE(same_bits(holder->forward(weight), mask.reshape({-1, 1}) * weight));
+  EXPECT_NEAR(holder->sparsity_level(), 1.0 / 3.0, 1e-12);
+  EXPECT_THROW(holder->update_mask(torch::ones({3, 1})), c10::Error); // 2-d: not a row mask
+  EXPECT_THROW(c10::make_intrusive<FakeStructuredSparsity>(torch::ones({2, 2})), c10::Error);
+  EXPECT_TRUE(holder->mask().is_same(mask));
+
+  torch::jit::Module module("RowPrunedWeight");
+  module.register_parameter("weight", weight, /*is_buffer=*/false);
+  module.register_attribute("weight_sparsity", c10::getCustomClassType<c10::intrusive_ptr<FakeStructuredSparsity>>(),
+      c10::IValue(holder));
+  module.define(R"(
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight_sparsity.forward(self.weight)
+  )");
+  const std::string path = ::testing::TempDir() + "row_pruned_weight_built_in_cpp.pt";
+  module.save(path);
+  torch::jit::Module loaded = torch::jit::load(path);
+  std::remove(path.c_str());
+  const at::Tensor x = torch::randn({3, 4});
+  EXPECT_TRUE(same_bits(loaded.forward({x}).toTensor(), x * (mask.reshape({-1, 1}) * weight)));
+  auto held = loaded.attr("weight_sparsity").toCustomClass<FakeStructuredSparsity>();
+  held->update_mask(torch::tensor({true, true, true}));
+  EXPECT_TRUE(same_bits(loaded.forward({x}).toTensor(), x * weight));
+}

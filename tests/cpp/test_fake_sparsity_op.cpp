@@ -129,3 +129,62 @@ TEST(FakeSparsityOp, FailedInPlaceChangesNothing) {
   at::Tensor ints = torch::ones({3}, torch::kLong);
   EXPECT_THROW(fake_sparsity_(ints, torch::ones({3})), c10::Error);
 }
+
+// ---------------------------------------------------- fake_structured_sparsity
+
+namespace {
+
+at::Tensor row_reference(const at::Tensor& x, const at::Tensor& mask) {
+  std::vector<int64_t> rows(x.dim(), 1);
+  rows[0] = -1;
+  return mask.reshape(rows) * x;
+}
+
+} // namespace
+
+TEST(FakeStructuredSparsityOp, MatchesRowMaskTimesXOverDtypesAndShapes) {
+  torch::manual_seed(0);
+  for (const auto& shape : kShapes) {
+    if (shape.empty()) {
+      continue; // a row mask needs dim 0
+    }
+    for (auto x_dtype : kXDtypes) {
+      for (auto mask_dtype : kMaskDtypes) {
+        const at::Tensor x = random_x(shape, x_dtype);
+        const at::Tensor mask = random_mask({shape[0]}, mask_dtype);
+        EXPECT_TRUE(same_bits(sparsity::ops::fake_structured_sparsity(x, mask), row_reference(x, mask)))
+            << "x " << x_dtype << " mask " << mask_dtype << " shape " << at::IntArrayRef(shape);
+        const at::Tensor xt = x.dim() >= 2 ? x.transpose(0, 1).contiguous().transpose(0, 1) : x;
+        EXPECT_TRUE(same_bits(sparsity::ops::fake_structured_sparsity(xt, mask), row_reference(xt, mask)));
+      }
+    }
+  }
+}
+
+TEST(FakeStructuredSparsityOp, BackwardAndDoubleBackwardMatchTheReference) {
+  torch::manual_seed(0);
+  const at::Tensor x = torch::randn({4, 3, 2}, torch::dtype(torch::kDouble).requires_grad(true));
+  const at::Tensor mask = torch::rand({4}, torch::dtype(torch::kDouble).requires_grad(true));
+  const auto ours = torch::autograd::grad(
+      {sparsity::ops::fake_structured_sparsity(x, mask).square().sum()}, {x, mask}, {}, true, true);
+  const auto theirs = torch::autograd::grad({row_reference(x, mask).square().sum()}, {x, mask}, {}, true, true);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(at::allclose(ours[i], theirs[i], 1e-12, 1e-12)) << i;
+  }
+  const auto ours2 = torch::autograd::grad({ours[0].sum() + ours[1].sum()}, {x, mask});
+  const auto theirs2 = torch::autograd::grad({theirs[0].sum() + theirs[1].sum()}, {x, mask});
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(at::allclose(ours2[i], theirs2[i], 1e-12, 1e-12)) << i;
+  }
+}
+
+TEST(FakeStructuredSparsityOp, BadShapesNameBoth) {
+  try {
+    sparsity::ops::fake_structured_sparsity(torch::ones({3, 2}), torch::ones({2}));
+    FAIL() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mask shape [2] must be [x.size(0)] for x of shape [3, 2]"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(sparsity::ops::fake_structured_sparsity(torch::ones({}), torch::ones({1})), c10::Error);
+}

@@ -1,0 +1,61 @@
+"""Bad input that used to be refused only after a write (issue 14's audit):
+each call must raise before it changes anything, as aten's in-place
+operators do."""
+
+import pytest
+import torch
+
+fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
+
+
+def _views_that_cannot_be_written():
+    leaf = torch.randn(4, 3, requires_grad=True)
+    yield "view of a leaf that requires grad", leaf, lambda: leaf[0:2], r"a view of a leaf Variable that requires grad"
+    base = torch.randn(3, 4, requires_grad=True)
+    product = base * 1
+    yield "output of unbind", product, lambda: product.unbind()[1], r"Output 1 of Unbind is a view and is being modified inplace"
+    split_base = torch.randn(4, 3, requires_grad=True) * 1
+    yield "output of split", split_base, lambda: split_base.split(2)[0], r"Output 0 of Split\w* is a view and is being modified inplace"
+
+
+@pytest.mark.parametrize("case", list(_views_that_cannot_be_written()), ids=lambda c: c[0])
+def test_inplace_on_views_aten_refuses_is_refused_before_writing(case):
+    _, owner, make_view, message = case
+    view = make_view()
+    before = owner.detach().clone()
+    with pytest.raises(RuntimeError, match=message):
+        view.mul_(torch.zeros(view.shape))  # aten's own refusal, for reference
+    with pytest.raises(RuntimeError, match=message):
+        fake_sparsity_(view, torch.zeros(view.shape, dtype=torch.bool))
+    assert torch.equal(owner.detach(), before)
+
+
+def test_inplace_on_an_inference_tensor_outside_inference_mode_is_refused_before_writing():
+    with torch.inference_mode():
+        x = torch.randn(5)
+    before = x.clone()
+    mask = torch.zeros(5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"fake_sparsity_: x is an inference tensor, which can be modified in "
+                                           r"place only in inference mode"):
+        fake_sparsity_(x, mask)
+    assert torch.equal(x, before)
+    # aten refuses too, though only once it has written (torch 2.14.1).
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        x.mul_(mask)
+    with torch.inference_mode():
+        y = torch.randn(5)
+        fake_sparsity_(y, mask)
+    assert not y.any()
+
+
+@pytest.mark.parametrize("holder", ["FakeSparsity", "FakeStructuredSparsity"])
+def test_update_mask_of_an_inference_mask_outside_inference_mode_changes_nothing(holder):
+    with torch.inference_mode():
+        mask = torch.ones(4)
+        held = getattr(torch.classes.sparsity, holder)(mask)
+    with pytest.raises(RuntimeError, match=rf"{holder}.update_mask: the held mask is an inference tensor"):
+        held.update_mask(torch.zeros(4))
+    assert torch.equal(mask, torch.ones(4))
+    with torch.inference_mode():
+        held.update_mask(torch.zeros(4))
+    assert not mask.any()
