@@ -478,12 +478,15 @@ def _refusal_cases():
         prepare_with_masks(model, {"0.weight": torch.ones(3, 3)})
         return model, "module '0' (Linear): tensor 'weight' has the parametrizations ['FakeSparsity', 'FakeSparsity']"
 
-    def structured():
+    def structured_and_another():
+        # (A structured pruner's parametrization alone converts:
+        # test_structured_pruners.py.)
         from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity
 
         model = nn.Sequential(nn.Conv2d(2, 4, 1))
         parametrize.register_parametrization(model[0], "weight", FakeStructuredSparsity(torch.ones(4, dtype=torch.bool)))
-        return model, "module '0' (Conv2d): tensor 'weight' has the parametrizations ['FakeStructuredSparsity']"
+        parametrize.register_parametrization(model[0], "weight", Double())
+        return model, "module '0' (Conv2d): tensor 'weight' has the parametrizations ['FakeStructuredSparsity', 'Double']"
 
     def integer_tensor():
         model = nn.Sequential(nn.BatchNorm1d(3))
@@ -516,7 +519,7 @@ def _refusal_cases():
         parametrize.register_parametrization(model, "bias", Double())
         return model, "the model itself (Linear): tensor 'bias' has the parametrizations ['Double']"
 
-    return {f.__name__: f for f in [other_parametrization, two_masks, structured, integer_tensor, name_taken,
+    return {f.__name__: f for f in [other_parametrization, two_masks, structured_and_another, integer_tensor, name_taken,
                                     bad_mask_dtype, recurrent, unscriptable, root_other_parametrization]}
 
 
