@@ -317,6 +317,10 @@ TEST(CudaKernelEmulation, StridedLayoutsMatchMaskTimesX) {
       {"x transposed", {37, 29}, {1, 37}, {29, 1}, {29, 1}},
       {"every second element of x", {5, 7, 33}, {2 * 231, 2 * 33, 2}, {231, 33, 1}, {231, 33, 1}},
       {"mask expanded along a dimension", {6, 130}, {130, 1}, {0, 1}, {130, 1}},
+      // fake_structured_sparsity's row mask: expanded past dim 0.
+      {"row mask", {6, 130}, {130, 1}, {1, 0}, {130, 1}},
+      {"row mask of a 3-d x", {4, 5, 33}, {165, 33, 1}, {1, 0, 0}, {165, 33, 1}},
+      {"row mask, x transposed", {9, 40}, {1, 9}, {1, 0}, {40, 1}},
       {"out transposed", {3, 4, 50}, {200, 50, 1}, {200, 50, 1}, {1, 3, 12}},
       {"all three channels-last (dense, flat kernel)", {2, 3, 5, 7}, {105, 1, 21, 3}, {105, 1, 21, 3}, {105, 1, 21, 3}},
       {"size-1 and mergeable dimensions", {1, 4, 1, 6, 10}, {480, 120, 120, 20, 2}, {240, 60, 60, 10, 1}, {240, 60, 60, 10, 1}},
