@@ -253,8 +253,24 @@ MaskHolder::State MaskHolder::get_state() const {
   return State(kStateVersion, std::move(tensors));
 }
 
-at::Tensor MaskHolder::mask_from_state(const Kind& kind, State state) {
-  const int64_t version = std::get<0>(state);
+at::Tensor MaskHolder::mask_from_state(const Kind& kind, const c10::IValue& state) {
+  // Checked here rather than by TorchScript's conversion to State, whose
+  // failures are internal asserts ("isGenericDict() INTERNAL ASSERT FAILED").
+  const auto expected = " (expected (version: int, {'mask': Tensor}))";
+  TORCH_CHECK(
+      state.isTuple() && state.toTupleRef().elements().size() == 2,
+      kind.class_name,
+      ": malformed pickled state: got a value of type ",
+      state.type()->repr_str(),
+      expected);
+  const auto& elements = state.toTupleRef().elements();
+  TORCH_CHECK(
+      elements[0].isInt(),
+      kind.class_name,
+      ": malformed pickled state: the format version is a value of type ",
+      elements[0].type()->repr_str(),
+      expected);
+  const int64_t version = elements[0].toInt();
   TORCH_CHECK(
       version == kStateVersion,
       kind.class_name,
@@ -263,9 +279,15 @@ at::Tensor MaskHolder::mask_from_state(const Kind& kind, State state) {
       "; this build reads version ",
       kStateVersion,
       " (was the model saved by a newer torch-sparsity?)");
-  const auto& tensors = std::get<1>(state);
   TORCH_CHECK(
-      tensors.contains("mask"),
+      elements[1].isGenericDict(),
+      kind.class_name,
+      ": malformed pickled state: the tensors are a value of type ",
+      elements[1].type()->repr_str(),
+      expected);
+  const c10::Dict<c10::IValue, c10::IValue> tensors = elements[1].toGenericDict();
+  TORCH_CHECK(
+      tensors.contains(c10::IValue("mask")),
       kind.class_name,
       ": malformed pickled state: version 1 needs a 'mask' entry");
   TORCH_CHECK(
@@ -274,15 +296,22 @@ at::Tensor MaskHolder::mask_from_state(const Kind& kind, State state) {
       ": malformed pickled state: version 1 holds only 'mask', but got ",
       tensors.size(),
       " entries");
-  return tensors.at("mask");
+  const c10::IValue mask = tensors.at(c10::IValue("mask"));
+  TORCH_CHECK(
+      mask.isTensor(),
+      kind.class_name,
+      ": malformed pickled state: 'mask' is a value of type ",
+      mask.type()->repr_str(),
+      ", not a Tensor");
+  return mask.toTensor();
 }
 
 const MaskHolder::Kind FakeSparsity::kKind{"FakeSparsity", &ops::fake_sparsity, /*row_mask=*/false};
 
 FakeSparsity::FakeSparsity(at::Tensor mask) : MaskHolder(kKind, std::move(mask)) {}
 
-c10::intrusive_ptr<FakeSparsity> FakeSparsity::from_state(State state) {
-  return c10::make_intrusive<FakeSparsity>(mask_from_state(kKind, std::move(state)));
+c10::intrusive_ptr<FakeSparsity> FakeSparsity::from_state(const c10::IValue& state) {
+  return c10::make_intrusive<FakeSparsity>(mask_from_state(kKind, state));
 }
 
 const MaskHolder::Kind FakeStructuredSparsity::kKind{
@@ -290,8 +319,8 @@ const MaskHolder::Kind FakeStructuredSparsity::kKind{
 
 FakeStructuredSparsity::FakeStructuredSparsity(at::Tensor mask) : MaskHolder(kKind, std::move(mask)) {}
 
-c10::intrusive_ptr<FakeStructuredSparsity> FakeStructuredSparsity::from_state(State state) {
-  return c10::make_intrusive<FakeStructuredSparsity>(mask_from_state(kKind, std::move(state)));
+c10::intrusive_ptr<FakeStructuredSparsity> FakeStructuredSparsity::from_state(const c10::IValue& state) {
+  return c10::make_intrusive<FakeStructuredSparsity>(mask_from_state(kKind, state));
 }
 
 namespace {
@@ -316,7 +345,8 @@ void define_mask_class(torch::Library& m, const char* name) {
       .def("__obj_flatten__", [](Self self) { return self->obj_flatten(); })
       .def_pickle(
           [](Self self) { return self->get_state(); },
-          [](MaskHolder::State state) { return T::from_state(std::move(state)); });
+          // Any value: from_state says what is wrong with a malformed one.
+          [](c10::IValue state) { return T::from_state(state); });
 }
 
 } // namespace

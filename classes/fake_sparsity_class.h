@@ -87,8 +87,9 @@ class MaskHolder : public torch::CustomClassHolder {
 
  protected:
   MaskHolder(const Kind& kind, at::Tensor mask);
-  // The mask of a pickled state, checked (version, entries).
-  static at::Tensor mask_from_state(const Kind& kind, State state);
+  // The mask of a pickled state, checked (its form, version and entries):
+  // any value, as a mutated or hand-made file may hold any.
+  static at::Tensor mask_from_state(const Kind& kind, const c10::IValue& state);
 
  private:
   // Who a tensor was and what it held when a result was computed from it.
@@ -131,7 +132,7 @@ class FakeSparsity : public MaskHolder {
  public:
   static const Kind kKind;
   explicit FakeSparsity(at::Tensor mask);
-  static c10::intrusive_ptr<FakeSparsity> from_state(State state);
+  static c10::intrusive_ptr<FakeSparsity> from_state(const c10::IValue& state);
 };
 
 // mask.reshape(-1, 1, ...) * x, mask of shape [x.size(0)]: whole slices
@@ -140,7 +141,7 @@ class FakeStructuredSparsity : public MaskHolder {
  public:
   static const Kind kKind;
   explicit FakeStructuredSparsity(at::Tensor mask);
-  static c10::intrusive_ptr<FakeStructuredSparsity> from_state(State state);
+  static c10::intrusive_ptr<FakeStructuredSparsity> from_state(const c10::IValue& state);
 };
 
 } // namespace sparsity
