@@ -51,7 +51,7 @@ def write_bad_states(out: Path):
     substrings = {
         "future version": "format version 7",
         "missing mask": "needs a 'mask' entry",
-        "version of wrong type": "Expected a value of type 'Tuple[int, Dict[str, Tensor]]'",
+        "version of wrong type": "FakeSparsity: malformed pickled state: the format version is a value of type str",
     }
     lines = []
     for case, (old, new, _) in sorted(STATE_PATCHES.items()):
