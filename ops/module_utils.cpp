@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <sstream>
 #include <string_view>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -139,14 +140,23 @@ c10::IValue walk_path(const c10::IValue& root, const std::string& path) {
     const auto& object = current.toObjectRef();
     const std::string name = path.substr(begin, end - begin);
     // An empty piece is never an attribute or property name: it gives None.
-    if (const auto slot = object.type()->findAttributeSlot(name)) {
+    const auto slot = object.type()->findAttributeSlot(name);
+    if (slot && object.type()->getAttribute(*slot)->kind() != c10::TypeKind::CapsuleType) {
       current = object.getSlot(*slot);
     } else if (torch::jit::Function* getter = property_getter(*object.type(), name)) {
       // Properties count as attributes, as for Python's getattr (e.g. the
       // `mask` of a torch.classes.sparsity.FakeSparsity).
       c10::IValue self = current;
-      current = (*getter)({std::move(self)});
+      try {
+        current = (*getter)({std::move(self)});
+      } catch (const std::exception& e) {
+        // The interpreter's own exception type is no RuntimeError in Python.
+        TORCH_CHECK(false, "the property '", name, "' of an object of type ", type_name(*object.type()),
+            " raised an error while reading the path '", path, "': ", e.what());
+      }
     } else {
+      // Includes a custom class's internal `capsule` slot (the C++ object,
+      // which must never come out: Python cannot use it safely).
       return c10::IValue();
     }
     if (dot == std::string::npos) {
@@ -160,7 +170,12 @@ c10::IValue walk_path(const c10::IValue& root, const std::string& path) {
 // attribute order, checking each child before descending into it, as
 // PyTorch's module_to_fqn does. Walks the slots directly (no named_children()
 // lists, no names built until found): the search visits every submodule.
-std::optional<std::string> path_below(const c10::ivalue::Object& node, const c10::ivalue::Object& target) {
+std::optional<std::string> path_below(const c10::ivalue::Object& node, const c10::ivalue::Object& target,
+    std::unordered_set<const c10::ivalue::Object*>& visited) {
+  // A module reached twice (shared, or a cycle built by hand) is searched once.
+  if (!visited.insert(&node).second) {
+    return std::nullopt;
+  }
   const auto& type = node.type();
   for (size_t slot = 0; slot < type->numAttributes(); ++slot) {
     if (!type->getAttribute(slot)->is_module()) {
@@ -173,7 +188,7 @@ std::optional<std::string> path_below(const c10::ivalue::Object& node, const c10
     if (&child.toObjectRef() == &target) {
       return type->getAttributeName(slot);
     }
-    if (auto rest = path_below(child.toObjectRef(), target)) {
+    if (auto rest = path_below(child.toObjectRef(), target, visited)) {
       return type->getAttributeName(slot) + "." + *rest;
     }
   }
@@ -193,6 +208,11 @@ std::string device_repr(const c10::Device& device) {
 
 // Devices of the parameters and buffers of `module` and its submodules, in
 // the order first seen.
+std::optional<std::string> path_below(const c10::ivalue::Object& node, const c10::ivalue::Object& target) {
+  std::unordered_set<const c10::ivalue::Object*> visited;
+  return path_below(node, target, visited);
+}
+
 std::vector<c10::Device> tensor_devices(const Module& module) {
   std::vector<c10::Device> devices;
   auto note = [&devices](const at::Tensor& tensor) {
@@ -432,6 +452,18 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
         type_name(*declared),
         ", not a submodule");
   }
+  // A module inside itself would send every walk over submodules round in
+  // circles (module_to_fqn, swap_module, named_modules).
+  TORCH_CHECK(
+      new_module._ivalue().get() != owner._ivalue().get() &&
+          !path_below(*new_module._ivalue(), *owner._ivalue()).has_value(),
+      "set_submodule: the new module (type ",
+      type_name(*new_module.type()),
+      ") is '",
+      owner_path.empty() ? std::string("the parent") : owner_path,
+      "' itself or contains it, so setting '",
+      name,
+      "' would make a module its own submodule");
   owner._ivalue()->setSlot(*slot, new_module._ivalue());
 }
 

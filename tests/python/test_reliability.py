@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from module_utils_models import LinearLike
 
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
 
@@ -98,3 +99,83 @@ def test_malformed_pickled_states_say_what_the_state_should_be(case, holder):
         set_state(obj, state)
     set_state(obj, (1, {"mask": torch.zeros(2)}))  # a well-formed one
     assert torch.equal(obj.mask, torch.zeros(2))
+
+
+# ------------------------------------------------------ module utilities
+
+
+class SelfSlot(torch.nn.Module):
+    """A module that implements LinearLike and has a LinearLike slot."""
+
+    slot: LinearLike
+
+    def __init__(self, inner):
+        super().__init__()
+        self.slot = inner
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.slot(input)
+
+
+def test_set_submodule_refuses_a_cycle_and_changes_nothing():
+    """set_submodule(s, "slot", s) through an interface-typed slot made a
+    module its own submodule: module_to_fqn then overflowed the stack and
+    swap_module never returned."""
+    from torch_sparsity import utils
+
+    inner = torch.nn.Linear(2, 2)
+    model = torch.jit.script(SelfSlot(SelfSlot(inner)))
+    for name, new in [("slot", model), ("slot.slot", model), ("slot.slot", model.slot)]:
+        with pytest.raises(RuntimeError, match=r"would make a module its own submodule"):
+            utils.set_submodule(model, name, new)
+    # Nothing changed, and the walks end.
+    assert utils.module_to_fqn(model, utils.fqn_to_module(model, "slot.slot")) == "slot.slot"
+    assert isinstance(utils.fqn_to_module(model, "slot.slot.weight"), torch.Tensor)
+    assert utils.module_to_fqn(model, torch.jit.script(torch.nn.Linear(2, 2))) is None
+    x = torch.randn(3, 2)
+    assert torch.equal(model(x), inner(x))
+
+
+def test_fqn_to_module_never_hands_out_a_custom_class_capsule():
+    """A custom class object's internal slot 'capsule' holds the C++ object:
+    wrapped by Python it crashed the process when used."""
+    from module_utils_models import ConvertibleNet
+
+    from torch_sparsity import utils
+
+    torch.manual_seed(0)
+    model = torch.jit.script(ConvertibleNet())
+    assert utils.fqn_to_module(model, "fc1.weight_sparsity.capsule") is None
+    assert torch.ops.sparsity.fqn_to_module(model._c, "fc1.weight_sparsity.capsule") is None
+    info = utils.get_arg_info_from_tensor_fqn(model, "fc1.weight_sparsity.capsule")
+    assert info["module"] is not None and info["tensor_name"] == "capsule"
+    assert isinstance(utils.fqn_to_module(model, "fc1.weight_sparsity.mask"), torch.Tensor)  # properties still work
+
+
+class RaisingProperty(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(2, 2)
+        self.fail = False  # scripting reads the property once
+
+    @property
+    def broken(self) -> torch.Tensor:
+        if self.fail:
+            raise RuntimeError("this getter always fails")
+        return self.inner.weight
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_raising_property_on_the_path_is_a_runtime_error():
+    from torch_sparsity import utils
+
+    scripted = torch.jit.script(RaisingProperty())
+    scripted.fail = True
+    for call in (lambda: utils.fqn_to_module(scripted, "broken"),
+                 lambda: utils.get_arg_info_from_tensor_fqn(scripted, "broken.weight"),
+                 lambda: torch.ops.sparsity.fqn_to_module(scripted._c, "broken")):
+        with pytest.raises(RuntimeError, match=r"(?s)the property 'broken' of an object of type .*RaisingProperty raised "
+                                               r"an error while reading the path 'broken.*this getter always fails"):
+            call()
