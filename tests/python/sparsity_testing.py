@@ -94,6 +94,33 @@ def save_tensor_bag(path, tensors: dict) -> None:
     torch.jit.script(TensorBag(tensors)).save(str(path))
 
 
+def run_under_cpu_capability(test_file, capability: str, keyword: str) -> None:
+    """Runs the tests of `test_file` selected by `keyword` again in a pytest
+    of its own with ATEN_CPU_CAPABILITY forcing `capability`, for the loops
+    picked by torch's CPU capability (PyTorch's own kernels follow the same
+    setting); skips where the CPU runs another capability when asked."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    reported = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if reported != capability.upper():
+        pytest.skip(f"this CPU runs {reported} when asked for {capability}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", "-W", "ignore::FutureWarning",
+         "-k", keyword],
+        env=env, capture_output=True, text=True, cwd=Path(test_file).parent,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def write_patched_archive(src, dst, old: bytes, new: bytes):
     """Copies a torch.jit.save archive, replacing bytes in its data.pkl: a way
     to make files with malformed or future FakeSparsity states."""

@@ -2,13 +2,10 @@
 
 import itertools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x
+from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x, run_under_cpu_capability
 
 fake_sparsity = torch.ops.sparsity.fake_sparsity
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
@@ -166,19 +163,9 @@ def test_each_cpu_capability_path(capability):
     """The float16/bfloat16 loops are picked from torch's CPU capability:
     run the bit-exactness tests again with ATEN_CPU_CAPABILITY forcing the
     narrower paths (PyTorch's mask * x follows the same setting)."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    reported = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    if reported != capability.upper():
-        pytest.skip(f"this CPU runs {reported} when asked for {capability}")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::FutureWarning",
-         "-k", "16bit or 16bit_mask or matches_mask_times_x or inplace_matches_mul_ or noncontiguous"],
-        env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
+    run_under_cpu_capability(
+        __file__, capability, "16bit or 16bit_mask or matches_mask_times_x or inplace_matches_mul_ or noncontiguous"
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- autograd

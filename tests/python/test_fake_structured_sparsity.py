@@ -6,13 +6,10 @@ import copy
 import io
 import itertools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x
+from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x, run_under_cpu_capability
 
 fake_structured_sparsity = torch.ops.sparsity.fake_structured_sparsity
 
@@ -88,19 +85,7 @@ def test_every_16bit_value(x_dtype):
 @pytest.mark.skipif("ATEN_CPU_CAPABILITY" in os.environ, reason="already running under a forced capability")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_each_cpu_capability_path(capability):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    reported = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    if reported != capability.upper():
-        pytest.skip(f"this CPU runs {reported} when asked for {capability}")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::FutureWarning",
-         "-k", "16bit_value or matches_row_mask or any_layout"],
-        env=env, capture_output=True, text=True, cwd=Path(__file__).parent,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_under_cpu_capability(__file__, capability, "16bit_value or matches_row_mask or any_layout")
 
 
 # ---------------------------------------------------------------- autograd

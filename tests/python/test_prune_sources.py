@@ -22,21 +22,10 @@ from torch_sparsity.sparsifiers import prepare_with_masks
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:The default weight initialization of:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),  # bit-for-bit gradients (conftest.py)
 ]
 
 TARGETS = ["torchscript", "export"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Bit-for-bit comparisons need a backward that gives the same bits every
-    time; on this CPU, convolution's backward with two threads does not at
-    some shapes (mobilenet_v3_small on 1x3x32x32: the same eager model's
-    gradients differ from one backward to the next). With one it does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ helpers

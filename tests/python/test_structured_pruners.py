@@ -25,19 +25,10 @@ from torch_sparsity.convert import ConversionError, convert, masks, squash
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:The default weight initialization of:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),  # bit-for-bit gradients (conftest.py)
 ]
 
 TARGETS = ["torchscript", "export"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Bit-for-bit gradients need a backward that repeats itself exactly;
-    # two-thread convolution backward does not at some shapes here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):
