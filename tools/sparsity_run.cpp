@@ -1,8 +1,9 @@
 // sparsity_run: the C++ side of a pruned model's trip to LibTorch. It loads a
 // TorchScript model whose pruned tensors go through
 // torch.classes.sparsity.FakeSparsity or FakeStructuredSparsity (as
-// `python -m torch_sparsity.convert` writes them), or an AOTInductor package of a model converted with
-// target="export" (torch_sparsity.aoti.compile), lists the pruned tensors,
+// `python -m torch_sparsity.convert` writes them), or an AOTInductor package
+// of a model converted with target="export" (torch_sparsity.aoti.compile),
+// lists the pruned tensors,
 // can change their masks, runs and times inference, and for TorchScript
 // models squashes the masks into the weights and saves the result.
 // `sparsity_run --help` describes the options; docs/end_to_end.md
@@ -324,6 +325,21 @@ bool is_row_mask(const at::Tensor& mask, c10::IntArrayRef tensor_shape) {
   return mask.sizes() != tensor_shape;
 }
 
+// A structured pruner's bias (the converted BiasHook, with prune_bias): the
+// hook zeroes the rows the weight's mask prunes on each forward; squashed,
+// the mask is gone, so the bias holds those zeros itself (as Python's squash
+// makes it).
+void zero_pruned_bias_rows(const torch::jit::Module& owner, const at::Tensor& row_mask) {
+  if (!owner.hasattr("_bias") || !owner.hasattr("prune_bias")) {
+    return;
+  }
+  const c10::IValue bias = owner.attr("_bias");
+  const c10::IValue prune_bias = owner.attr("prune_bias");
+  if (bias.isTensor() && prune_bias.isBool() && prune_bias.toBool()) {
+    bias.toTensor().masked_fill_(row_mask.eq(0), 0);
+  }
+}
+
 bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() > suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -391,6 +407,9 @@ class ScriptedModel : public PrunedModel {
           std::vector<int64_t> rows(target.dim(), 1);
           rows[0] = -1;
           target.mul_(mask.reshape(rows)); // what fake_structured_sparsity computes
+          if (tensor.name == "weight") {
+            zero_pruned_bias_rows(tensor.owner, mask);
+          }
         } else {
           sparsity::ops::fake_sparsity_(target, mask);
         }

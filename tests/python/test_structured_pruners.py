@@ -224,6 +224,18 @@ def test_sparsity_run_lists_prunes_rows_and_squashes(tmp_path):
     assert squashed.fc1.weight_sparsity is None
     with torch.no_grad():
         assert_bitwise_equal(squashed(x), expected)
+    # Re-pruned and squashed in one call: the bias rows the new masks prune
+    # are zeroed in _bias (prune_bias), as the hook would have left them.
+    for name, extra in [("more.pt", []), ("both.pt", ["--squash"])]:
+        out = subprocess.run(run[:2] + ["--prune", "0.75", *extra, "--save", str(tmp_path / name)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    more, both = torch.jit.load(str(tmp_path / "more.pt")), torch.jit.load(str(tmp_path / "both.pt"))
+    more_mask = more.fc1.weight_sparsity.mask
+    assert int((~more_mask).sum()) == 5 and (~more_mask & mask).any()  # rows the first masks kept
+    with torch.no_grad():
+        assert_bitwise_equal(both(x), more(x))
+    assert (both.fc1._bias[~more_mask] == 0).all()
 
 
 # ---------------------------------------------------------------- refusals
