@@ -685,8 +685,9 @@ def convert(
     through the ``fake_sparsity`` operator, ready for torch.export,
     AOTInductor and torch.compile.
 
-    Taken: a single torch.ao.pruning ``FakeSparsity`` parametrization per
-    tensor; torch.nn.utils.prune's forward pre-hooks of any method whose
+    Taken: a single torch.ao.pruning ``FakeSparsity`` or
+    ``FakeStructuredSparsity`` parametrization per tensor (the structured
+    pruners' ``BiasHook`` with it); torch.nn.utils.prune's forward pre-hooks of any method whose
     result is ``mask * orig`` (prune's own methods, ``PruningContainer``, and
     subclasses of ``BasePruningMethod`` that only define ``compute_mask``), on
     parameters and buffers of any module at any depth, several per module.

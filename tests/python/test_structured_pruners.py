@@ -20,6 +20,7 @@ from end_to_end_models import STRUCTURED_PRUNER_METHODS, prune_structured, prune
 from sparsity_testing import assert_bitwise_equal, save_tensor_bag
 from test_convert import forward_backward
 from test_export import mha_slow_path
+from test_prune_sources import assert_same_results
 from torch_sparsity.convert import ConversionError, convert, masks, squash
 
 pytestmark = [
@@ -60,14 +61,9 @@ def structured_masks(model):
 
 
 def assert_same(actual, expected):
-    (out_a, grads_a), (out_e, grads_e) = actual, expected
-    assert_bitwise_equal(out_a, out_e, "output")
-    assert grads_a.keys() == grads_e.keys()
-    for name, grad in grads_e.items():
-        if grad is None:
-            assert grads_a[name] is None, name
-        else:
-            assert_bitwise_equal(grads_a[name], grad, name)
+    """(output, {param: grad}) from forward_backward, bit for bit; the names
+    are the same on both sides (converted_name maps the parametrization's)."""
+    assert_same_results(actual, expected, rename=lambda name: name)
 
 
 @pytest.mark.parametrize("target", TARGETS)
