@@ -3,11 +3,9 @@
 #include "ops/fake_sparsity.h"
 #include "ops/fake_sparsity_common.h"
 
-#include <ATen/ops/_lazy_clone.h>
 #include <ATen/ops/count_nonzero.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
-#include <c10/core/impl/COW.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
@@ -60,21 +58,6 @@ bool may_cache(const at::Tensor& x, const at::Tensor& mask) {
       !c10::impl::tls_local_dispatch_key_set().included_.has_any(kInterceptingKeys);
 }
 
-// What a caller gets from the cache: a copy-on-write clone, O(1). Reads share
-// the kept memory; the first write through the clone (any mutable access to
-// its data, .data and .numpy() included) gives it its own copy, so a caller
-// can change neither the cache nor another caller's result.
-at::Tensor copy_on_write_clone(const at::Tensor& t) {
-  at::AutoDispatchBelowADInplaceOrView no_graph_needed;
-  return at::_lazy_clone(t);
-}
-
-bool can_copy_on_write(const at::Tensor& t) {
-  const c10::StorageImpl& storage = *t.storage().unsafeGetStorageImpl();
-  return c10::impl::cow::has_simple_data_ptr(storage) ||
-      c10::impl::cow::is_cow_data_ptr(storage.data_ptr());
-}
-
 } // namespace
 
 MaskHolder::Stamp::Stamp(const at::Tensor& t)
@@ -124,8 +107,18 @@ MaskHolder::MaskHolder(const Kind& kind, at::Tensor mask) : kind_(kind) {
   mask_ = std::move(mask);
 }
 
+std::shared_lock<std::shared_mutex> MaskHolder::lock_mask_for_reading() const {
+  { std::lock_guard<std::mutex> wait_for_writers(writer_turnstile_); }
+  return std::shared_lock<std::shared_mutex>(mask_mutex_);
+}
+
+std::unique_lock<std::shared_mutex> MaskHolder::lock_mask_for_writing() {
+  std::lock_guard<std::mutex> hold_off_new_readers(writer_turnstile_);
+  return std::unique_lock<std::shared_mutex>(mask_mutex_);
+}
+
 void MaskHolder::move_mask_to(const c10::Device& device) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  auto writing = lock_mask_for_writing();
   if (mask_.device() == device) {
     return;
   }
@@ -133,17 +126,25 @@ void MaskHolder::move_mask_to(const c10::Device& device) {
   // does for parameters: whoever holds the mask keeps holding it.
   c10::AutoGradMode no_grad(false);
   mask_.set_data(mask_.to(device));
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   cache_.reset();
 }
 
 at::Tensor MaskHolder::forward(const at::Tensor& x) {
   TORCH_CHECK(x.defined(), kind_.class_name, ".forward: x is an undefined tensor");
+  // Held through the computation: update_mask waits for it, so this call
+  // reads the old mask or the new one, whole.
+  auto reading = lock_mask_for_reading();
   if (x.device() != mask_.device()) {
     if (x.is_meta()) {
       // Shape propagation only: never give up the real mask for a meta one.
       return kind_.apply(x, mask_.to(x.device()));
     }
+    reading.unlock();
     move_mask_to(x.device());
+    reading = lock_mask_for_reading();
+    // (Had another thread moved it elsewhere meanwhile, the operator's
+    // device check would say so.)
   }
   if (!may_cache(x, mask_)) {
     // Training, another device, a tracer: drop the kept result rather than
@@ -153,26 +154,36 @@ at::Tensor MaskHolder::forward(const at::Tensor& x) {
   }
   bool enabled = false;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (cache_ && cache_->x.matches(x) && cache_->mask.matches(mask_)) {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (cache_ && cache_->x.matches(x) && cache_->mask.matches(mask_) &&
+        cache_->result_stamp.matches(cache_->result) && !cache_->result.requires_grad()) {
       ++cache_hits_;
-      return copy_on_write_clone(cache_->result);
+      return cache_->result;
     }
     enabled = cache_enabled_;
   }
   if (!enabled) {
     return kind_.apply(x, mask_);
   }
-  // Stamped before computing: a write racing with the computation then
-  // shows as a newer version at the next lookup, never as a stale hit.
+  // Stamped before computing: a write to x or to the mask's tensor racing
+  // with the computation then shows as a newer version at the next lookup,
+  // never as a stale hit.
   Stamp x_stamp(x), mask_stamp(mask_);
-  at::Tensor result = kind_.apply(x, mask_);
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!cache_enabled_ || !can_copy_on_write(result)) {
-    return result;
+  at::Tensor result;
+  {
+    // A normal tensor even under InferenceMode: the kept result needs a
+    // version counter, for writes through it to be seen. No graph either
+    // way (may_cache made sure none is needed).
+    c10::InferenceMode normal_tensor(false);
+    c10::AutoGradMode no_graph(false);
+    result = kind_.apply(x, mask_);
   }
-  cache_.emplace(CacheEntry{std::move(x_stamp), std::move(mask_stamp), result});
-  return copy_on_write_clone(result);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  if (cache_enabled_) {
+    Stamp result_stamp(result);
+    cache_.emplace(CacheEntry{std::move(x_stamp), std::move(mask_stamp), result, std::move(result_stamp)});
+  }
+  return result;
 }
 
 at::Tensor MaskHolder::mask() const {
@@ -181,6 +192,7 @@ at::Tensor MaskHolder::mask() const {
 
 void MaskHolder::update_mask(const at::Tensor& m) {
   check_mask(".update_mask", m);
+  auto writing = lock_mask_for_writing();
   TORCH_CHECK(
       m.sizes() == mask_.sizes(),
       kind_.class_name,
@@ -200,7 +212,7 @@ void MaskHolder::update_mask(const at::Tensor& m) {
 }
 
 void MaskHolder::set_cache_enabled(bool enabled) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   cache_enabled_ = enabled;
   if (!enabled) {
     cache_.reset();
@@ -208,17 +220,17 @@ void MaskHolder::set_cache_enabled(bool enabled) {
 }
 
 bool MaskHolder::cache_enabled() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   return cache_enabled_;
 }
 
 void MaskHolder::clear_cache() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   cache_.reset();
 }
 
 int64_t MaskHolder::cache_hits() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   return cache_hits_;
 }
 
@@ -227,6 +239,7 @@ c10::Dict<std::string, at::Tensor> MaskHolder::state_dict() const {
 }
 
 double MaskHolder::sparsity_level() const {
+  auto reading = lock_mask_for_reading();
   const int64_t numel = mask_.numel();
   if (numel == 0) {
     return std::numeric_limits<double>::quiet_NaN();
@@ -244,6 +257,7 @@ MaskHolder::State MaskHolder::get_state() const {
   // straight to __setstate__, and a deep copy must not share its mask.
   at::Tensor mask_copy;
   {
+    auto reading = lock_mask_for_reading();
     c10::AutoGradMode no_grad(false);
     mask_copy = mask_.clone();
   }

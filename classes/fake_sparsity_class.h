@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <string>
 #include <tuple>
 
@@ -44,12 +45,21 @@ class MaskHolder : public torch::CustomClassHolder {
   // and a later call with the very same x (same tensor object, storage,
   // offset, sizes, strides, dtype, device), unchanged since (same version
   // counter value; likewise the mask), returns it instead of recomputing.
-  // What a caller gets is a copy-on-write clone of the kept result: it
-  // shares memory until someone writes to it, so no caller can change the
-  // cache or another caller's result. Costs one tensor of the result's size
-  // per object while enabled. CPU tensors only. Writes that bypass version
-  // counters (x.data, .numpy(), storage-level writes) are not seen: call
-  // clear_cache() after them, or turn the cache off.
+  // Every such call returns the kept tensor itself, as
+  // torch.nn.utils.parametrize.cached() hands out one tensor per
+  // parametrization: callers share it (read it; never write to it). A write
+  // through it that bumps its version counter, or a change of its metadata
+  // (requires_grad_, resize_, set_, t_), is seen: the next call recomputes
+  // into a new tensor. Costs one tensor of the result's size per object
+  // while enabled. CPU tensors only. Writes that bypass version counters
+  // (.data, .numpy(), storage-level writes), to x, the mask or a result,
+  // are not seen: call clear_cache() after them, or turn the cache off.
+  //
+  // Threads: forward, update_mask and the device move of the mask are
+  // synchronized. A forward concurrent with update_mask computes with the
+  // old mask or the new one, whole, never a mix. In-place edits of the
+  // tensor mask() returns are not synchronized (as writing any tensor that
+  // another thread reads): a forward concurrent with one may read a mix.
   at::Tensor forward(const at::Tensor& x);
 
   // The very tensor held: in-place edits of it change later forwards.
@@ -112,16 +122,28 @@ class MaskHolder : public torch::CustomClassHolder {
     Stamp x;
     Stamp mask;
     at::Tensor result;
+    // What the result was when kept: a caller that writes to it or changes
+    // its metadata makes it stale.
+    Stamp result_stamp;
   };
 
+  std::shared_lock<std::shared_mutex> lock_mask_for_reading() const;
+  std::unique_lock<std::shared_mutex> lock_mask_for_writing();
   void move_mask_to(const c10::Device& device);
   void check_mask(const char* where, const at::Tensor& mask) const;
 
   const Kind& kind_;
   at::Tensor mask_;
-  // Guards the one-time device move of the mask and everything below it,
-  // across forward threads.
-  mutable std::mutex mutex_;
+  // Readers of the mask's values (forward, get_state, sparsity_level) hold
+  // it shared; update_mask and the device move hold it exclusively. Taken
+  // before cache_mutex_ when both are held.
+  mutable std::shared_mutex mask_mutex_;
+  // Readers pass through it before taking mask_mutex_, and a writer holds it
+  // while it waits for mask_mutex_: glibc's rwlock prefers readers, so
+  // without it a steady stream of forwards could starve update_mask.
+  mutable std::mutex writer_turnstile_;
+  // Guards the cache fields below.
+  mutable std::mutex cache_mutex_;
   std::optional<CacheEntry> cache_;
   bool cache_enabled_ = true;
   int64_t cache_hits_ = 0;
