@@ -75,7 +75,7 @@ void generic_flat_loop(
 // PyTorch's own kernels use the widest vectors the CPU has; to keep up while
 // the data is in cache, the float and double loops are compiled for AVX-512
 // and AVX2 too, and the loader picks the best once (GCC function clones).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TORCH_SPARSITY_NO_CPU_CLONES)
 #define SPARSITY_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SPARSITY_CPU_CLONES
