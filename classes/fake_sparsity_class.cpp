@@ -3,6 +3,7 @@
 #include "ops/fake_sparsity.h"
 #include "ops/fake_sparsity_common.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/count_nonzero.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -104,6 +105,17 @@ void MaskHolder::check_mask(const char* where, const at::Tensor& mask) const {
 
 MaskHolder::MaskHolder(const Kind& kind, at::Tensor mask) : kind_(kind) {
   check_mask("", mask);
+  // update_mask writes the held mask in place, which torch refuses for a
+  // tensor whose elements share memory (an expanded one): refused here,
+  // rather than accepted and then never updatable.
+  TORCH_CHECK(
+      mask.numel() == 0 || at::has_internal_overlap(mask) != at::MemOverlap::Yes,
+      kind_.class_name,
+      ": mask has elements that share memory (an expanded tensor, stride 0, sizes ",
+      mask.sizes(),
+      ", strides ",
+      mask.strides(),
+      "), so update_mask could not write it in place; pass mask.clone()");
   mask_ = std::move(mask);
 }
 

@@ -397,6 +397,15 @@ void set_submodule(const Module& parent, const std::string& name, const Module& 
   const size_t dot = name.rfind('.');
   const std::string owner_path = dot == std::string::npos ? "" : name.substr(0, dot);
   const std::string attribute = dot == std::string::npos ? name : name.substr(dot + 1);
+  // walk_path reads "" as the parent itself, so ".x" would pass for "x";
+  // fqn_to_module gives None for it, as for any empty piece.
+  TORCH_CHECK(
+      dot != 0,
+      "set_submodule: '",
+      name,
+      "' starts with an empty piece, so it names no submodule of the parent (type ",
+      type_name(*parent.type()),
+      ")");
 
   const c10::IValue owner_value = walk_path(parent._ivalue(), owner_path);
   TORCH_CHECK(

@@ -108,26 +108,21 @@ def test_known_torch_limits_are_recognised(monkeypatch):
 # ------------------------------------------------------------ findings of the fuzzers
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding (issue 14): a self-overlapping mask is accepted, then "
-                                       "update_mask cannot write it (torch's internal-overlap error); reported, "
-                                       "the fix belongs in classes/")
 @pytest.mark.parametrize("holder, mask", [
     ("FakeStructuredSparsity", lambda: torch.ones(1).expand(4)),
     ("FakeSparsity", lambda: torch.ones(4, 1).expand(4, 3)),
 ])
-def test_a_mask_that_is_accepted_can_be_updated(holder, mask):
-    """Corpus: pickled_state/state-expanded-row-mask.json,
-    set_mask/class-held-mask-expanded.json. Either the class refuses the
-    mask up front with its own message, or update_mask works on it."""
+def test_a_mask_whose_elements_share_memory_is_refused(holder, mask):
+    """Fuzz finding (corpus: pickled_state/state-expanded-row-mask.json,
+    set_mask/class-held-mask-expanded.json): an expanded mask was accepted,
+    and update_mask then always failed with torch's internal-overlap error.
+    The class refuses it up front, with its own message; an empty one,
+    which update_mask can write, stays accepted."""
     cls = getattr(torch.classes.sparsity, holder)
-    try:
-        held = cls(mask())
-    except RuntimeError as error:
-        assert holder in str(error)
-        return
-    new = torch.zeros(held.mask.shape)
-    held.update_mask(new)
-    assert torch.equal(held.mask, new)
+    with pytest.raises(RuntimeError, match=rf"{holder}: mask has elements that share memory"):
+        cls(mask())
+    empty = cls(torch.ones(1, 0).expand(4, 0) if holder == "FakeSparsity" else torch.ones(0))
+    empty.update_mask(torch.zeros(empty.mask.shape))
 
 
 class _PlainSlot(torch.nn.Module):
@@ -139,11 +134,10 @@ class _PlainSlot(torch.nn.Module):
         return self.plain(x)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding (issue 14): set_submodule skips a leading empty piece "
-                                       "('.plain' replaces 'plain'); reported, the fix belongs in ops/module_utils")
 @pytest.mark.parametrize("via", ["op", "python"])
 def test_set_submodule_refuses_a_path_with_an_empty_piece(via):
-    """Corpus: module_utils_fqn/set-submodule-leading-dot.json. fqn_to_module
+    """Fuzz finding (corpus: module_utils_fqn/set-submodule-leading-dot.json):
+    '.plain' replaced 'plain'. fqn_to_module
     gives None for a path with an empty piece, and nn.Module.set_submodule
     raises; set_submodule must refuse it and leave the parent as it was."""
     from torch_sparsity import utils
@@ -152,7 +146,7 @@ def test_set_submodule_refuses_a_path_with_an_empty_piece(via):
     before = model._c.getattr("plain")
     new = torch.jit.script(torch.nn.Linear(2, 2))
     assert utils.fqn_to_module(model, ".plain") is None
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="starts with an empty piece"):
         if via == "op":
             torch.ops.sparsity.set_submodule(model._c, ".plain", new._c)
         else:
