@@ -64,6 +64,16 @@ def test_update_mask_of_an_inference_mask_outside_inference_mode_changes_nothing
     assert not mask.any()
 
 
+@pytest.mark.parametrize("holder", ["FakeSparsity", "FakeStructuredSparsity"])
+def test_update_mask_from_a_meta_tensor_is_the_class_error_and_changes_nothing(holder):
+    # (the fuzzer's note: it was torch's NotImplementedError from copy_)
+    mask = torch.ones(4)
+    held = getattr(torch.classes.sparsity, holder)(mask)
+    with pytest.raises(RuntimeError, match=rf"{holder}.update_mask: the new mask is a meta tensor"):
+        held.update_mask(torch.zeros(4, device="meta"))
+    assert held.mask is mask and torch.equal(mask, torch.ones(4))
+
+
 # Malformed pickled states (the audit's fuzzing found 689 of 3898 mutated
 # archives failing with torch's "isGenericDict() INTERNAL ASSERT FAILED"):
 # __setstate__ takes any value and says what the state should be.
