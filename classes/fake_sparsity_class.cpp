@@ -204,11 +204,11 @@ at::Tensor MaskHolder::mask() const {
 
 void MaskHolder::update_mask(const at::Tensor& m) {
   check_mask(".update_mask", m);
+  auto writing = lock_mask_for_writing();
   TORCH_CHECK(
       !m.is_meta() || mask_.is_meta(),
       kind_.class_name,
       ".update_mask: the new mask is a meta tensor, which has no values to copy");
-  auto writing = lock_mask_for_writing();
   TORCH_CHECK(
       m.sizes() == mask_.sizes(),
       kind_.class_name,
