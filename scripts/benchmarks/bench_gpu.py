@@ -3,19 +3,25 @@
 
 For float32 x of 2^26 and 2^28 elements: fake_sparsity with float32, bool and
 uint8 masks, `mask * x` with the same masks, and a device-to-device copy of x
-(the bandwidth ceiling) measured in the same run. Each case is timed with CUDA
-events: warm-up runs, then the median of --runs runs. Bytes moved: x read +
-mask read + output written (the copy: x read + y written).
+(the bandwidth ceiling) measured in the same run. Each run is timed with CUDA
+events, after warm-up runs. fake_sparsity with a mask and the `mask * x` it is
+compared with (same mask, float32 mask) take turns, one run each per round:
+a row's time is the median of its --runs runs, and its speed against `mask * x`
+the median over rounds of that round's ratio (both ran moments apart). Bytes
+moved: x read + mask read + output written (the copy: x read + y written).
 
     python3 scripts/benchmarks/bench_gpu.py [--runs 50] [--out table.txt]
-        [--check] [--json rows.json] [--sizes 26 28] [--device cuda]
+        [--check] [--json rows.json] [--sizes 26 28] [--device cuda] [--commit SHA]
 
 --check first compares fake_sparsity and fake_sparsity_ bit for bit with
 `mask * x` and `x.mul_(mask)` over several dtypes, lengths that are not
 multiples of 16, and views whose data pointers are misaligned (each in-place
 case also checks that nothing outside the view was written); it prints one
 line per failure and the exit status is 3 when any case fails (the timings
-still run). --json writes the check and every table row as JSON.
+still run). --json writes the check and every table row as JSON, with the
+device's name, the torch and CUDA versions and the commit measured (--commit,
+else $TORCH_SPARSITY_COMMIT, else the checkout's HEAD, "-dirty" when tracked
+files differ from it).
 --device cpu runs everything on the CPU (perf_counter timing), only to try
 this script and scripts/gpu/gpu-tune.sh on a machine without a GPU.
 
@@ -24,7 +30,9 @@ The plugin is $TORCH_SPARSITY_LIBRARY, else build/libtorch_sparsity.so.
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,28 +47,60 @@ MASK_DTYPES = [torch.float32, torch.bool, torch.uint8]
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def time_ms(fn, runs, warmup, device="cuda"):
-    """Median milliseconds of fn() over runs, each timed with CUDA events on
-    the current stream (with perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
+def _one_ms(fn, device):
+    """Milliseconds of one fn(): CUDA events on the current stream (perf_counter on the CPU)."""
     if device == "cpu":
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_interleaved(fns, runs, warmup, device="cuda"):
+    """name -> milliseconds of each of `runs` calls. The functions take
+    turns, one call each per round, in an order rotated every round, so that
+    the cases compared ran moments apart (clock and temperature drift hit all
+    alike) and none always follows the same other one."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    order = list(fns)
+    samples = {name: [] for name in fns}
+    for run in range(runs):
+        shift = run % len(order)
+        for name in order[shift:] + order[:shift]:
+            samples[name].append(_one_ms(fns[name], device))
+    return samples
+
+
+def paired(numerators, denominators):
+    """Median over rounds of one round's ratio."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def commit_measured(given):
+    """The commit the run measures: --commit, $TORCH_SPARSITY_COMMIT, or the
+    checkout's HEAD (with '-dirty' when files differ from it)."""
+    if given:
+        return given
+    if os.environ.get("TORCH_SPARSITY_COMMIT"):
+        return os.environ["TORCH_SPARSITY_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def dtype_name(dtype):
@@ -142,6 +182,7 @@ def main():
         "--sizes", type=int, nargs="+", default=SIZES, metavar="LOG2", help="sizes as powers of two (default 26 28)"
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: only to try the script")
+    parser.add_argument("--commit", help="the commit measured, for the JSON (default: $TORCH_SPARSITY_COMMIT or git)")
     args = parser.parse_args()
     device = args.device
 
@@ -158,7 +199,12 @@ def main():
         return 2
     fake_sparsity = torch.ops.sparsity.fake_sparsity
 
-    report = {"torch": torch.__version__, "library": library, "device": device, "check": None, "rows": []}
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    report = {
+        "benchmark": "bench_gpu.py", "device_name": device_name, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "commit": commit_measured(args.commit), "library": library, "device": device,
+        "runs": args.runs, "check": None, "rows": [],
+    }
     check_failed = False
     if args.check:
         start = time.perf_counter()
@@ -170,29 +216,34 @@ def main():
         print(f"check: {verdict} ({time.perf_counter() - start:.1f}s)", flush=True)
         report["check"] = {"ok": not failures, "cases": cases, "failures": failures}
 
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     header = (
         f"{'elements':>8}  {'case':<30} {'ms':>8} {'GB/s':>8} {'of copy':>8} "
         f"{'vs mask*x':>10} {'vs float*x':>10}"
     )
     lines = [
         f"torch {torch.__version__}, {device_name}, library {library}",
-        f"float32 x; median of {args.runs} runs after {args.warmup} warm-up runs",
+        f"float32 x; median of {args.runs} runs after {args.warmup} warm-up runs, the cases compared interleaved",
         "GB/s: (x read + mask read + out written) / time; copy: (read + write) / time",
         "of copy: GB/s / copy GB/s; vs mask*x: time of mask * x with the same mask / time;",
-        "vs float*x: time of mask * x with a float32 mask / time (>1: this row is faster)",
+        "vs float*x: time of mask * x with a float32 mask / time (>1: this row is faster);",
+        "both ratios are medians over rounds of one round's ratio",
         header,
         "-" * len(header),
     ]
     print("\n".join(lines), flush=True)
 
-    def emit(numel, case, mask_dtype, ms, bytes_moved, copy_gbps, same_mask_ref_ms=None, float_ref_ms=None):
+    def emit(numel, case, mask_dtype, times, bytes_moved, copy_gbps, same_mask_times=None, float_mask_times=None):
+        """One row: the median of `times`, and the paired speed against the
+        runs of `mask * x` with the same mask and with a float32 mask."""
         label = f"2^{numel.bit_length() - 1}"
         title = case if mask_dtype is None else f"{case}, {dtype_name(mask_dtype)} mask"
+        ms = statistics.median(times)
         gbps = bytes_moved / ms / 1e6
-        vs_same = f"{same_mask_ref_ms / ms:10.2f}" if same_mask_ref_ms else f"{'':>10}"
-        vs_float = f"{float_ref_ms / ms:10.2f}" if float_ref_ms else f"{'':>10}"
-        line = f"{label:>8}  {title:<30} {ms:8.3f} {gbps:8.1f} {gbps / copy_gbps:8.2f} {vs_same} {vs_float}"
+        vs_same = paired(same_mask_times, times) if same_mask_times else None
+        vs_float = paired(float_mask_times, times) if float_mask_times else None
+        line = (f"{label:>8}  {title:<30} {ms:8.3f} {gbps:8.1f} {gbps / copy_gbps:8.2f} "
+                + (f"{vs_same:10.2f}" if vs_same else f"{'':>10}") + " "
+                + (f"{vs_float:10.2f}" if vs_float else f"{'':>10}"))
         lines.append(line)
         print(line, flush=True)
         report["rows"].append(
@@ -203,34 +254,30 @@ def main():
                 "ms": ms,
                 "gbps": gbps,
                 "of_copy": gbps / copy_gbps,
-                "vs_same_mask": same_mask_ref_ms / ms if same_mask_ref_ms else None,
-                "vs_float_mask": float_ref_ms / ms if float_ref_ms else None,
+                "vs_same_mask": vs_same,
+                "vs_float_mask": vs_float,
             }
         )
         return gbps
 
-    def timed(fn):
-        return time_ms(fn, args.runs, args.warmup, device)
-
     for numel in (1 << s for s in args.sizes):
         x = torch.randn(numel, device=device)
         y = torch.empty_like(x)
-        copy_ms = timed(lambda: y.copy_(x))
-        copy_gbps = 2 * x.numel() * x.element_size() / copy_ms / 1e6
-        emit(numel, "copy y.copy_(x)", None, copy_ms, 2 * x.numel() * x.element_size(), copy_gbps)
+        copy_times = time_interleaved({"copy": lambda: y.copy_(x)}, args.runs, args.warmup, device)["copy"]
+        copy_gbps = 2 * x.numel() * x.element_size() / statistics.median(copy_times) / 1e6
+        emit(numel, "copy y.copy_(x)", None, copy_times, 2 * x.numel() * x.element_size(), copy_gbps)
         del y
         float_mask = (torch.rand(numel, device=device) > 0.5).float()
-        float_ref_ms = timed(lambda: float_mask * x)
         for mask_dtype in MASK_DTYPES:
             mask = float_mask.to(mask_dtype)
             bytes_moved = x.numel() * (x.element_size() + mask.element_size() + 4)  # float32 out
-            ours_ms = timed(lambda: fake_sparsity(x, mask))
-            if mask_dtype == torch.float32:
-                ref_ms = float_ref_ms
-            else:
-                ref_ms = timed(lambda: mask * x)
-            emit(numel, "fake_sparsity", mask_dtype, ours_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
-            emit(numel, "mask * x", mask_dtype, ref_ms, bytes_moved, copy_gbps, ref_ms, float_ref_ms)
+            fns = {"ours": lambda: fake_sparsity(x, mask), "float mask * x": lambda: float_mask * x}
+            if mask_dtype != torch.float32:
+                fns["mask * x"] = lambda: mask * x
+            times = time_interleaved(fns, args.runs, args.warmup, device)
+            same = times.get("mask * x", times["float mask * x"])
+            emit(numel, "fake_sparsity", mask_dtype, times["ours"], bytes_moved, copy_gbps, same, times["float mask * x"])
+            emit(numel, "mask * x", mask_dtype, same, bytes_moved, copy_gbps, same, times["float mask * x"])
             del mask
         del x, float_mask
         if device == "cuda":

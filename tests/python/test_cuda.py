@@ -5,7 +5,10 @@ GPU (`mask * x`, `x.mul_(mask)`), over every dtype pair and over the memory
 layouts that pick different kernel paths: contiguous with 16-byte vector
 loads, contiguous but misaligned (one element per load), shared dense
 non-contiguous layouts, the strided kernel, more than 25 dimensions, and more
-than 2^31 elements. The whole module skips, with the reason, without a GPU.
+than 2^31 elements. Then the structured operator, and the export target on
+the device: eager, torch.export, a torch.compile training step and
+AOTInductor packages compiled for the device, against the torch.ao.pruning
+model. The whole module skips, with the reason, without a GPU.
 
 With TORCH_SPARSITY_CUDA_TESTS_DEVICE=cpu the same tests run on the CPU
 (the few that only mean something on a GPU skip): that checks this file's
@@ -13,6 +16,7 @@ own logic (layouts, references, guards) where no GPU is, and
 test_cuda_tests_on_cpu.py does it in every test run.
 """
 
+import contextlib
 import functools
 import io
 import os
@@ -20,7 +24,14 @@ import os
 import pytest
 import sparsity_testing
 import torch
+from end_to_end_models import prune_structured
 from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal
+from test_convert import forward_backward, max_abs_diff
+
+import torch_sparsity
+from torch_sparsity import aoti
+from torch_sparsity.convert import convert, converted_name
+from torch_sparsity.sparsifiers import prune_with_weight_norm
 
 DEVICE = os.environ.get("TORCH_SPARSITY_CUDA_TESTS_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -471,3 +482,222 @@ def test_structured_class_follows_its_model_to_the_gpu():
     expected = x @ _row_reference(model.weight, torch.tensor([True, False, True], device="cuda")).t()
     assert_bitwise_equal(model(x), expected)
     assert model.sparsity.mask.device.type == "cuda"
+
+
+# --------------------------------- export, torch.compile and AOTInductor on the device
+#
+# The export target (convert(model, target="export")) on the device: the
+# eager twin, torch.export (saved and loaded), a torch.compile training
+# step, and AOTInductor packages compiled for the device, run and given a
+# new mask. Against the model torch.ao.pruning made, moved to the device.
+
+@pytest.fixture(scope="module", autouse=True)
+def _exact_cudnn():
+    # Deterministic cuDNN algorithms, so that a model and its converted twin
+    # give the same bits in backward too (cuDNN's fastest weight gradients
+    # add with atomics); no TF32, so that compiled code is held to the CPU
+    # tests' float32 tolerances. Neither matters to the kernels above.
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.backends.cuda.matmul.allow_tf32 = saved[2]
+
+
+PRUNINGS = ["weight_norm", "structured"]
+
+
+def small_pruned_model(pruning):
+    """Conv, BatchNorm, ReLU and Linear, pruned on the CPU with
+    torch.ao.pruning (50% by weight norm, or rows and their biases with the
+    saliency pruner, whose masks the export target reads through
+    fake_structured_sparsity), then moved to the device. (A pruned channel
+    whose bias is kept is constant, and BatchNorm's batch statistics then
+    turn its rounding into noise of either sign that ReLU lets through or
+    not: its gradients differ between any two summation orders.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 6 * 6, 10),
+    )
+    if pruning == "weight_norm":
+        prune_with_weight_norm(model, 0.5)
+    else:
+        prune_structured(model, "saliency")
+    return model.to(DEVICE)
+
+
+def device_input(batch=4):
+    return torch.randn(batch, 3, 6, 6).to(DEVICE)
+
+
+def relative_diff(actual, expected):
+    return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
+
+
+@contextlib.contextmanager
+def eager_mask_set_to(model, fqn, values):
+    """The pruned model with the torch.ao.pruning mask of `fqn` (a
+    FakeSparsity or FakeStructuredSparsity parametrization) holding `values`
+    for the duration. (torch's structured bias hook zeroes the biases of
+    pruned rows in place: those stay zero afterwards.)"""
+    module_fqn, _, name = fqn.rpartition(".")
+    mask = getattr(model.get_submodule(module_fqn).parametrizations, name)[0].mask
+    saved = mask.clone()
+    mask.copy_(values)
+    try:
+        yield
+    finally:
+        mask.copy_(saved)
+
+
+def pruned_entries(mask, tensor):
+    """Where `tensor` is pruned by `mask` (of its shape, or one entry per row)."""
+    if mask.shape != tensor.shape:
+        mask = mask.reshape([-1] + [1] * (tensor.dim() - 1)).expand_as(tensor)
+    return ~mask.bool()
+
+
+@pytest.mark.parametrize("pruning", PRUNINGS)
+def test_export_target_on_the_device_equals_the_pruned_model_bit_for_bit(pruning):
+    model = small_pruned_model(pruning).eval()
+    converted = convert(model, target="export")
+    assert all(mask.device.type == DEVICE for mask in torch_sparsity.masks(converted).values())
+    x = device_input()
+    output, grads = forward_backward(converted, [x])
+    eager_output, eager_grads = forward_backward(model, [x])
+    assert_bitwise_equal(output, eager_output, "output")
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        # The structured pruner's bias hook adds a parameter of its own (_bias).
+        assert (grad is None) == (grads[name] is None), name
+        if grad is not None:
+            assert_bitwise_equal(grads[name], grad, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("pruning", PRUNINGS)
+def test_exported_program_on_the_device_runs_saves_loads_and_follows_its_masks(pruning, tmp_path):
+    model = small_pruned_model(pruning).eval()
+    converted = convert(model, target="export")
+    x = device_input()
+    with torch.no_grad():
+        expected = model(x)
+    program = torch.export.export(converted, (x,))
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    operator = torch.ops.sparsity.fake_sparsity if pruning == "weight_norm" else fake_structured_sparsity
+    assert operator.default in calls, calls
+    path = tmp_path / "pruned.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    for form, program_ in (("exported", program), ("loaded", loaded)):
+        module = program_.module()
+        with torch.no_grad():
+            assert_bitwise_equal(module(x), expected, form)
+        mask = torch_sparsity.masks(program_)["4.weight"]
+        assert mask.device.type == DEVICE, form
+        saved = mask.clone()
+        try:
+            mask.zero_()
+            with torch.no_grad(), eager_mask_set_to(model, "4.weight", mask):
+                changed, eager_changed = module(x), model(x)
+            assert_bitwise_equal(changed, eager_changed, form)
+            assert not torch.equal(changed, expected), form
+        finally:
+            mask.copy_(saved)
+        with torch.no_grad():
+            assert_bitwise_equal(module(x), expected, form)
+
+
+@pytest.mark.parametrize("pruning", PRUNINGS)
+def test_compiled_training_steps_on_the_device_give_the_pruned_models_weights(pruning):
+    """Three SGD steps with momentum, the export-target model under
+    torch.compile (forward and backward) against the eager pruned model.
+    Tolerance 1e-4 relative: the compiled BatchNorm statistics and weight
+    gradients add in another order than ATen's; a dropped mask or gradient
+    is off by the size of the weights."""
+    eager = small_pruned_model(pruning).train()
+    converted = convert(eager, target="export").train()
+    compiled = torch.compile(converted)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, converted)]
+    for step in range(3):
+        x = device_input()
+        for model, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        grads = {converted_name(n): p.grad for n, p in eager.named_parameters()}
+        for name, param in converted.named_parameters():
+            # torch's structured bias hook adds _bias through .data: no gradient in either.
+            assert (param.grad is None) == (grads[name] is None), f"step {step}: {name}"
+            if param.grad is None:
+                continue
+            assert param.grad.device.type == DEVICE
+            scale = grads[name].abs().max().item()
+            assert max_abs_diff(param.grad, grads[name]) <= 1e-4 * scale + 1e-7, f"step {step}: {name}"
+    eager_state = {converted_name(k): v for k, v in eager.state_dict().items()}
+    for name, value in converted.state_dict().items():
+        assert max_abs_diff(value.double(), eager_state[name].double()) <= 1e-4 * value.abs().max().item() + 1e-7, name
+    # Pruned entries got no gradient, so their originals kept their values.
+    for fqn, mask in torch_sparsity.masks(converted).items():
+        module_fqn, _, name = fqn.rpartition(".")
+        module = converted.get_submodule(module_fqn)
+        original = getattr(module, name + "_original")
+        pruned = pruned_entries(mask, original)
+        assert not original.grad[pruned].any(), fqn
+        assert not getattr(module, name)[pruned].any(), fqn
+
+
+# (pruning, fold_masks): the masked weights folded when loaded and after a
+# set_mask (the default), or the operator's device kernel called on every
+# run through AOTInductor's proxy executor.
+@pytest.fixture(scope="module", params=[("weight_norm", True), ("weight_norm", False), ("structured", True)],
+                ids=["folded", "operator", "structured-folded"])
+def device_package(request, tmp_path_factory):
+    pruning, fold_masks = request.param
+    model = small_pruned_model(pruning).eval()
+    converted = convert(model, target="export")
+    x = device_input(2)
+    path = aoti.compile(converted, (x,), tmp_path_factory.mktemp("aoti-device") / f"{pruning}.pt2",
+                        fold_masks=fold_masks)
+    return model, x, path
+
+
+def test_aoti_package_for_the_device_runs_as_the_pruned_model(device_package):
+    model, x, path = device_package
+    runner = aoti.load(path)
+    with torch.no_grad():
+        out, expected = runner(x), model(x)
+    assert out.device == x.device
+    assert relative_diff(out, expected) <= 1e-5
+    for fqn in runner.mask_names():
+        assert runner.mask(fqn).device == x.device, fqn
+
+
+def test_aoti_package_for_the_device_takes_a_new_mask(device_package):
+    model, x, path = device_package
+    runner = aoti.load(path)
+    fqn = "4.weight"
+    held = runner.mask(fqn)
+    new_mask = torch.rand(held.shape).to(DEVICE) > 0.7
+    with torch.no_grad():
+        before = runner(x)
+    runner.set_mask(fqn, new_mask)
+    assert torch.equal(runner.mask(fqn), new_mask)
+    with torch.no_grad(), eager_mask_set_to(model, fqn, new_mask):
+        after, expected = runner(x), model(x)
+    assert relative_diff(after, expected) <= 1e-5
+    assert relative_diff(after, before) > 1e-3
+    # A mask on another device is refused and changes nothing.
+    elsewhere = new_mask.to("meta" if DEVICE == "cpu" else "cpu")
+    with pytest.raises(RuntimeError, match=rf"is on {DEVICE}.*, got a mask on {elsewhere.device.type}"):
+        runner.set_mask(fqn, elsewhere)
+    assert torch.equal(runner.mask(fqn), new_mask)
+    # Back to the first mask: the first output again. (Not model(x): the
+    # structured pruner's bias hook zeroed the eager biases of the rows the
+    # new mask pruned, in place, for good.)
+    runner.set_mask(fqn, held)
+    with torch.no_grad():
+        assert relative_diff(runner(x), before) <= 1e-5
