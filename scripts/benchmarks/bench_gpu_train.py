@@ -23,11 +23,17 @@ every copy, so all do the same deterministic thing; BatchNorm uses batch
 statistics.
 
 Check, before any timing: one step of every variant from the same start on
-the same batch. The loss and every updated tensor of the state (weights,
-BatchNorm statistics) must be within 1e-3 of the eager model's, relative to
-the largest value of each, and every pruned entry of every original weight
-must still hold its start value bit for bit (no gradient reached it). The
-run stops otherwise (exit status 3).
+the same batch, against the eager model's step. The loss must be within 1e-3
+of eager's, relative; each floating tensor of the state (weights, BatchNorm
+statistics) must have moved as eager's did, ||update - eager update|| within
+5% of ||eager update|| (an update, not a value: a BatchNorm bias starts at
+zero, and a training step's gradients differ by a few tenths of a percent
+between any two summation orders, which a small batch amplifies); every
+pruned entry of every original weight must still hold its start value bit
+for bit (no gradient reached it), and the other entries must have moved. A
+dropped mask changes the loss or moves pruned entries; a dropped gradient
+leaves a tensor where it started. The timings run either way; the exit
+status is 3 when a check failed.
 
 Timing: --warmup steps of every variant (compilation and TorchScript's
 profiling runs happen there), then rounds: each round times one step of
@@ -72,7 +78,8 @@ from torch_sparsity.sparsifiers import prune_with_weight_norm  # noqa: E402
 
 VARIANTS = ("eager", "scripted", "export", "export-compiled", "eager-compiled")
 DEFAULT_VARIANTS = "eager,scripted,export,export-compiled"
-TOLERANCE = 1e-3
+LOSS_TOLERANCE = 1e-3
+UPDATE_TOLERANCE = 0.05
 NUM_CLASSES = 1000
 
 
@@ -188,26 +195,31 @@ def main(argv=None):
     for v in models:
         worst, problems = 0.0, []
         for key, value in eager_state.items():
-            other = states[v][key]
-            if value.is_floating_point():
-                scale = max(value.abs().max().item(), 1e-30)
-                diff = (value.double() - other.double()).abs().max().item() / scale
-                if not diff <= TOLERANCE:  # NaN fails too
-                    problems.append(f"{key}: relative difference {diff:.3g}")
-                worst = max(worst, diff)
-            elif not torch.equal(value, other):
-                problems.append(f"{key}: differs")
+            other, start = states[v][key], start_state[key]
+            if not value.is_floating_point():
+                if not torch.equal(value, other):
+                    problems.append(f"{key}: differs")
+                continue
+            update = value.double().cpu() - start.double()
+            other_update = other.double().cpu() - start.double()
+            norm = update.norm().item()
+            diff = (other_update - update).norm().item() / max(norm, 1e-30)
+            if norm > 0 and not diff <= UPDATE_TOLERANCE:  # NaN fails too
+                problems.append(f"{key}: update off by {diff:.3g} of eager's")
+            worst = max(worst, diff if norm > 0 else 0.0)
         for key, zeros in zero_entries.items():
-            kept = states[v][key].cpu()[zeros]
-            if not torch.equal(kept.view(torch.int32), start_state[key][zeros].view(torch.int32)):
-                problems.append(f"{key}: a pruned entry changed (a gradient reached it)")
+            now, start = states[v][key].cpu(), start_state[key]
+            if not torch.equal(now[zeros].view(torch.int32), start[zeros].view(torch.int32)):
+                problems.append(f"{key}: a pruned entry moved (a gradient reached it)")
+            if torch.equal(now[~zeros], start[~zeros]):
+                problems.append(f"{key}: no entry moved (no gradient reached it)")
         loss_diff = abs(losses[v] - losses["eager"]) / max(abs(losses["eager"]), 1e-30)
-        if not loss_diff <= TOLERANCE:
+        if not loss_diff <= LOSS_TOLERANCE:
             problems.append(f"loss {losses[v]} against eager {losses['eager']}")
-        check["variants"][v] = {"loss": losses[v], "state_relative_diff": worst, "loss_relative_diff": loss_diff,
+        check["variants"][v] = {"loss": losses[v], "update_relative_diff": worst, "loss_relative_diff": loss_diff,
                                 "problems": problems}
         check["ok"] = check["ok"] and not problems
-        log(f"check {v:<16} loss {losses[v]:.6f}  max relative state difference {worst:.3g}"
+        log(f"check {v:<16} loss {losses[v]:.6f}  largest update difference {worst:.3g} of eager's"
             + ("" if not problems else "  WRONG: " + "; ".join(problems[:5])))
     report["check"] = check
     log(f"first step of every variant (compilation included): {first_step_s:.1f}s")

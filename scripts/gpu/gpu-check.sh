@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # One command for a machine with a GPU: builds the plugin against python3's
-# torch (no .venv, no GoogleTest, no network needed), runs the CUDA tests,
-# then the GPU benchmark, and ends with a short summary table. Every step is
-# bounded by `timeout` so that the whole run stays under 8 minutes.
+# torch (no .venv, no GoogleTest, no network needed) unless LIBRARY names one
+# already built for it, runs the GPU benchmark with its bitwise check, then
+# the CUDA tests, and ends with a short summary table. Every step is bounded
+# by `timeout`.
 #
-#   scripts/gpu/gpu-check.sh            (PYTHON, BUILD_DIR override the defaults)
+#   scripts/gpu/gpu-check.sh     (PYTHON, BUILD_DIR, LIBRARY, COMMIT, the
+#                                 *_TIMEOUT below and BENCH_ARGS, more
+#                                 bench_gpu.py arguments, override the defaults)
 #
 # The tests run verbosely; a test that kills pytest (a segfault) is named as
 # crashed and the tests after it still run (scripts/gpu/pytest-retry-crashes.sh).
 # The log (gpu-check.log), the pytest output (pytest-cuda.txt), one
-# "STATUS node-id" line per test (pytest-cuda-results.txt) and the benchmark
-# table (bench_gpu.txt) go to $OUT when it is set, else to
+# "STATUS node-id" line per test (pytest-cuda-results.txt), the benchmark
+# table (bench_gpu.txt) and its JSON (bench_gpu.json: every row, the check,
+# the GPU's name, torch, CUDA and COMMIT) go to $OUT when it is set, else to
 # $BUILD_DIR/gpu-check/. The summary at the end names every test that failed,
 # errored, crashed, timed out or did not run. Exit status 0 only when the
-# build and the tests passed and the benchmark ran.
+# build, the benchmark's check and the tests passed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -23,14 +27,15 @@ PYTHON=${PYTHON:-python3}
 # checkout and loads the library named by TORCH_SPARSITY_LIBRARY.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
-# Seconds per step: 440 in all (465 with the kill grace of each), under 8
-# minutes with room for start-up.
+# A library built elsewhere for this torch (scripts/gpu/prebuild.sh): no build.
+LIBRARY=${LIBRARY:-}
+# Seconds per step (with a kill grace of 10 s each).
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
-TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 # pytest runs again after a crash (without the crashed test) at most this
 # many times, within TEST_TIMEOUT.
 MAX_CRASHES=${MAX_CRASHES:-3}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-90}
 
 results=${OUT:-$BUILD_DIR/gpu-check}
 mkdir -p "$results"
@@ -61,21 +66,41 @@ main() {
   cmake --version | head -1
   if command -v nvcc >/dev/null 2>&1; then nvcc --version | tail -1; fi
 
-  # ---- build
-  echo "== build into $BUILD_DIR (limit ${BUILD_TIMEOUT}s)"
-  local start=$SECONDS
-  PYTHON=$PYTHON BUILD_DIR=$BUILD_DIR INSTALL=0 timeout -k 10 "$BUILD_TIMEOUT" \
-    scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF
-  local build_status=$?
-  local library=$BUILD_DIR/libtorch_sparsity.so
-  [[ $library = /* ]] || library=$PWD/$library
-  local kernels
-  kernels=$(sed -n 's/.*torch-sparsity: CUDA kernels //p' "$BUILD_DIR/configure.log" 2>/dev/null)
-  if [ "$build_status" -eq 0 ] && [ ! -f "$library" ]; then build_status=1; fi
-  add_row build "$(status_word "$build_status")" $((SECONDS - start)) "CUDA kernels ${kernels:-?}; $library"
+  # ---- build (or the library given)
+  local start=$SECONDS build_status library kernels
+  if [ -n "$LIBRARY" ]; then
+    library=$LIBRARY
+    [[ $library = /* ]] || library=$PWD/$library
+    build_status=0
+    [ -f "$library" ] || build_status=1
+    kernels=$(sed -n 's/.*torch-sparsity: CUDA kernels //p' "$(dirname "$library")/configure.log" 2>/dev/null)
+    add_row library "$(status_word "$build_status")" 0 "given, CUDA kernels ${kernels:-?}; $library"
+  else
+    echo "== build into $BUILD_DIR (limit ${BUILD_TIMEOUT}s)"
+    PYTHON=$PYTHON BUILD_DIR=$BUILD_DIR INSTALL=0 timeout -k 10 "$BUILD_TIMEOUT" \
+      scripts/build.sh -DTORCH_SPARSITY_BUILD_TESTS=OFF
+    build_status=$?
+    library=$BUILD_DIR/libtorch_sparsity.so
+    [[ $library = /* ]] || library=$PWD/$library
+    kernels=$(sed -n 's/.*torch-sparsity: CUDA kernels //p' "$BUILD_DIR/configure.log" 2>/dev/null)
+    if [ "$build_status" -eq 0 ] && [ ! -f "$library" ]; then build_status=1; fi
+    add_row build "$(status_word "$build_status")" $((SECONDS - start)) "CUDA kernels ${kernels:-?}; $library"
+  fi
 
   local test_status=1 bench_status=1 test_line="not run"
   if [ "$build_status" -eq 0 ]; then
+    # ---- benchmark, with its bitwise check first
+    echo "== benchmark (limit ${BENCH_TIMEOUT}s)"
+    start=$SECONDS
+    TORCH_SPARSITY_LIBRARY=$library timeout -k 10 "$BENCH_TIMEOUT" \
+      "$PYTHON" scripts/benchmarks/bench_gpu.py --check --runs 100 --out "$results/bench_gpu.txt" \
+      --json "$results/bench_gpu.json" ${COMMIT:+--commit "$COMMIT"} ${BENCH_ARGS:-}
+    bench_status=$?
+    local bench_table="no table"
+    if [ "$bench_status" -eq 0 ]; then bench_table="check ok; table in $results/bench_gpu.txt";
+    elif [ "$bench_status" -eq 3 ]; then bench_table="CHECK FAILED (results not bit-exact); table in $results/bench_gpu.txt"; fi
+    add_row benchmark "$(status_word "$bench_status")" $((SECONDS - start)) "$bench_table"
+
     # ---- CUDA tests: verbose, and a test that crashes pytest (a segfault)
     # is recorded and the tests after it run in a new pytest
     # (scripts/gpu/pytest-retry-crashes.sh), all within TEST_TIMEOUT.
@@ -98,22 +123,12 @@ main() {
     test_word=$(status_word "$test_status")
     if [ "$gpu_seen" != 1 ]; then test_status=1 test_word=NO-GPU; fi
     add_row tests "$test_word" $((SECONDS - start)) "${test_line:-no pytest summary}"
-
-    # ---- benchmark
-    echo "== benchmark (limit ${BENCH_TIMEOUT}s)"
-    start=$SECONDS
-    TORCH_SPARSITY_LIBRARY=$library timeout -k 10 "$BENCH_TIMEOUT" \
-      "$PYTHON" scripts/benchmarks/bench_gpu.py --out "$results/bench_gpu.txt"
-    bench_status=$?
-    local bench_table="no table"
-    if [ "$bench_status" -eq 0 ]; then bench_table="table in $results/bench_gpu.txt"; fi
-    add_row benchmark "$(status_word "$bench_status")" $((SECONDS - start)) "$bench_table"
   else
     echo "gpu-check: the build failed; nothing to test"
   fi
 
   echo
-  if [ "$bench_status" -eq 0 ] && [ -f "$results/bench_gpu.txt" ]; then
+  if [ -f "$results/bench_gpu.txt" ]; then
     echo "== benchmark: copy and fake_sparsity rows"
     grep -E "elements|---|copy|fake_sparsity," "$results/bench_gpu.txt"
     echo

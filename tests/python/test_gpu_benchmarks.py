@@ -50,7 +50,7 @@ def test_bench_gpu_train_runs_and_checks_every_variant(tmp_path):
     variants = ["eager", "scripted", "export", "export-compiled"]
     assert report["check"]["ok"] and list(report["check"]["variants"]) == variants
     for figures in report["check"]["variants"].values():
-        assert figures["problems"] == [] and figures["state_relative_diff"] <= 1e-3
+        assert figures["problems"] == [] and figures["update_relative_diff"] <= 0.05
     assert [row["variant"] for row in report["rows"]] == variants
     assert all(row["step_ms"] > 0 and row["vs_eager"] > 0 for row in report["rows"])
     assert report["rows"][0]["vs_eager"] == 1.0
