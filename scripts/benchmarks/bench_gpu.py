@@ -41,6 +41,8 @@ import torch
 
 import torch_sparsity  # loads the plugin
 
+from bench_op import paired_ratio  # noqa: E402
+
 SIZES = [26, 28]
 MASK_DTYPES = [torch.float32, torch.bool, torch.uint8]
 
@@ -78,11 +80,6 @@ def time_interleaved(fns, runs, warmup, device="cuda"):
         for name in order[shift:] + order[:shift]:
             samples[name].append(_one_ms(fns[name], device))
     return samples
-
-
-def paired(numerators, denominators):
-    """Median over rounds of one round's ratio."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def commit_measured(given):
@@ -239,8 +236,8 @@ def main():
         title = case if mask_dtype is None else f"{case}, {dtype_name(mask_dtype)} mask"
         ms = statistics.median(times)
         gbps = bytes_moved / ms / 1e6
-        vs_same = paired(same_mask_times, times) if same_mask_times else None
-        vs_float = paired(float_mask_times, times) if float_mask_times else None
+        vs_same = paired_ratio(same_mask_times, times) if same_mask_times else None
+        vs_float = paired_ratio(float_mask_times, times) if float_mask_times else None
         line = (f"{label:>8}  {title:<30} {ms:8.3f} {gbps:8.1f} {gbps / copy_gbps:8.2f} "
                 + (f"{vs_same:10.2f}" if vs_same else f"{'':>10}") + " "
                 + (f"{vs_float:10.2f}" if vs_float else f"{'':>10}"))

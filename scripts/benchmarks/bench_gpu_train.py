@@ -69,11 +69,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"`torch\
 
 import torch_sparsity  # noqa: E402  (loads the plugin)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import commit_measured  # noqa: E402
 from bench_models import timed_rounds  # noqa: E402
 from bench_op import paired_ratio  # noqa: E402
-from torch_sparsity.convert import convert, converted_name, parametrized_masks  # noqa: E402
+from torch_sparsity.convert import ORIGINAL_SUFFIX, convert, converted_name, parametrized_masks  # noqa: E402
 from torch_sparsity.sparsifiers import prune_with_weight_norm  # noqa: E402
 
 VARIANTS = ("eager", "scripted", "export", "export-compiled", "eager-compiled")
@@ -125,8 +124,7 @@ def state_of(model):
 
 def pruned_entries(pruned):
     """converted state name of each original weight -> where its mask is zero."""
-    return {converted_name(fqn.rpartition(".")[0] + ".parametrizations." + fqn.rpartition(".")[2] + ".original"):
-            mask == 0 for fqn, mask in parametrized_masks(pruned).items()}
+    return {fqn + ORIGINAL_SUFFIX: mask == 0 for fqn, mask in parametrized_masks(pruned).items()}
 
 
 def main(argv=None):

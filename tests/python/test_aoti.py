@@ -21,16 +21,12 @@ import torch_sparsity
 from cpp_consumer import run
 from end_to_end_models import pruned_model
 from sparsity_testing import save_tensor_bag
+from test_convert import relative_diff
 from torch_sparsity import aoti
 from torch_sparsity.convert import convert, parametrized_masks
 from torch_sparsity.sparsifiers import prune_with_weight_norm
 
 RTOL = 1e-5
-
-
-def relative_diff(actual, expected) -> float:
-    scale = max(expected.abs().max().item(), 1e-30)
-    return (actual.detach().double() - expected.detach().double()).abs().max().item() / scale
 
 
 def small_model():

@@ -45,6 +45,11 @@ def max_abs_diff(actual, expected):
     return (actual.detach().double() - expected.detach().double()).abs().max().item()
 
 
+def relative_diff(actual, expected):
+    """max_abs_diff relative to the largest |value| of `expected`."""
+    return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
+
+
 def assert_outputs_equal(actual, expected):
     """Under ATOL, and under ATOL relative to the output's size, so that a
     model whose outputs are all tiny still has to match."""

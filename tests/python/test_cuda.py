@@ -24,15 +24,14 @@ import os
 import pytest
 import sparsity_testing
 import torch
-from end_to_end_models import prune_structured
 from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal
-from test_convert import forward_backward, max_abs_diff
+from test_convert import forward_backward, relative_diff
 from test_export import assert_compiled_training_matches_eager
+from test_export import small_pruned_model as cpu_small_pruned_model
 
 import torch_sparsity
 from torch_sparsity import aoti
 from torch_sparsity.convert import convert
-from torch_sparsity.sparsifiers import prune_with_weight_norm
 
 DEVICE = os.environ.get("TORCH_SPARSITY_CUDA_TESTS_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -512,31 +511,12 @@ PRUNINGS = ["weight_norm", "structured"]
 
 
 def small_pruned_model(pruning):
-    """Conv, BatchNorm, ReLU and Linear, pruned on the CPU with
-    torch.ao.pruning (50% by weight norm, or rows and their biases with the
-    saliency pruner, whose masks the export target reads through
-    fake_structured_sparsity), then moved to the device. (A pruned channel
-    whose bias is kept is constant, and BatchNorm's batch statistics then
-    turn its rounding into noise of either sign that ReLU lets through or
-    not: its gradients differ between any two summation orders.)"""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
-        torch.nn.Linear(8 * 6 * 6, 10),
-    )
-    if pruning == "weight_norm":
-        prune_with_weight_norm(model, 0.5)
-    else:
-        prune_structured(model, "saliency")
-    return model.to(DEVICE)
+    """test_export's small model, pruned on the CPU, moved to the device."""
+    return cpu_small_pruned_model(pruning).to(DEVICE)
 
 
 def device_input(batch=4):
     return torch.randn(batch, 3, 6, 6).to(DEVICE)
-
-
-def relative_diff(actual, expected):
-    return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
 
 
 @contextlib.contextmanager

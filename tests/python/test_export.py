@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torch_sparsity
-from end_to_end_models import pruned_model
+from end_to_end_models import prune_structured, pruned_model
 from sparsity_testing import SmallNet
 from test_convert import eager_pruned_tensors, forward_backward, max_abs_diff
 from torch_sparsity.convert import ConversionError, compact_mask, convert, converted_name, parametrized_masks, squash
@@ -171,12 +171,22 @@ def test_compiled_inference_equals_eager_and_follows_a_mask_change(pruned):
         mask.logical_not_()
 
 
-def small_pruned_model():
+def small_pruned_model(pruning="weight_norm"):
+    """Conv, BatchNorm, ReLU and Linear, pruned with torch.ao.pruning: 50% by
+    weight norm, or ("structured") rows and their biases with the saliency
+    pruner, whose masks the export target reads through
+    fake_structured_sparsity. (A pruned channel whose bias is kept is
+    constant, and BatchNorm's batch statistics then turn its rounding into
+    noise of either sign that ReLU lets through or not: its gradients differ
+    between any two summation orders.)"""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
     )
-    prune_with_weight_norm(model, 0.5)
+    if pruning == "weight_norm":
+        prune_with_weight_norm(model, 0.5)
+    else:
+        prune_structured(model, "saliency")
     return model
 
 
