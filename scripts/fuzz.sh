@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long fuzz run of issue 14: every target of tests/fuzz for
+# The long fuzz run: every target of tests/fuzz for
 # FUZZ_SECONDS (default 600: ten minutes, split evenly between the three
 # targets, setup included), after replaying the committed corpus, with a
 # fixed seed. Cases known to hit torch's own unpickler limits are run too

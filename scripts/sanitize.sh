@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sanitizer legs (issue 14). Builds the plugin, sparsity_run and the C++
+# The sanitizer legs. Builds the plugin, sparsity_run and the C++
 # tests with sanitizers (CPU only; torch itself stays as shipped) into a
 # build folder of their own, then runs them:
 #

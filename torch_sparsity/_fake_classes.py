@@ -5,8 +5,8 @@ fake counterpart here computes the result's shape and dtype, and the graph
 records a call of the real object (torch.ops.higher_order.call_torchbind).
 
 That path is for inference: autograd does not go through call_torchbind
-(issue 11 reports a weight gradient dropped without a word under
-torch.compile), so the fake forward refuses to trace where a gradient would
+(a weight's gradient would be dropped without a word under torch.compile),
+so the fake forward refuses to trace where a gradient would
 be needed. A model to train under torch.compile, or to export for training,
 is convert(model, target="export")."""
 

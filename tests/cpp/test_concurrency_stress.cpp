@@ -1,4 +1,4 @@
-// Concurrency stress test of the mask classes (issue 14): many threads call
+// Concurrency stress test of the mask classes: many threads call
 // forward on one object, in inference mode, no-grad mode and grad mode (with
 // backward), while another thread updates the mask thousands of times.
 //
