@@ -2,6 +2,8 @@ import pytest
 import torch
 
 import torch_sparsity  # the installed package (scripts/build.sh); importing it loads the plugin
+from cpp_consumer import build_consumer
+from sparsity_testing import check_cuda_kernels, needs_cuda
 
 
 @pytest.fixture(scope="session")
@@ -9,8 +11,6 @@ def installed_consumer(tmp_path_factory):
     """tests/consumer built against the installed package (the folder of its
     programs), found through torch_sparsity.cmake_prefix_path alone, with
     C++17 asked for: the package's target must raise it to torch's standard."""
-    from cpp_consumer import build_consumer
-
     if torch_sparsity.cmake_prefix_path is None:
         pytest.skip("the library comes from TORCH_SPARSITY_LIBRARY, not from an installed package")
     work = tmp_path_factory.mktemp("consumer")
@@ -28,6 +28,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def device(request):
+    """A test written once runs on the CPU and, where one is, on the GPU; its
+    ids say which ([cpu], [cuda]), so that `pytest -k cuda` picks the GPU
+    cases. On the GPU: deterministic cuDNN, so that a model and its
+    converted twin give the same bits in backward too (cuDNN's fastest
+    weight gradients add with atomics), and no TF32, so that compiled code
+    is held to the CPU's float32 tolerances."""
+    if request.param == "cpu":
+        yield "cpu"
+        return
+    check_cuda_kernels()
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False
+    try:
+        yield "cuda"
+    finally:
+        cudnn.deterministic, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)

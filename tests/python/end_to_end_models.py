@@ -1,13 +1,21 @@
-"""Pruned torchvision models and helpers shared by the end-to-end tests
-(test_convert.py, test_sparsity_run.py)."""
+"""Pruned models and helpers shared by the end-to-end tests (convert,
+export, torch.compile, AOTInductor, sparsity_run): torchvision models and a
+small model pruned in every supported way, and the comparisons of a
+converted model with the pruned model it came from."""
 
+import contextlib
 import subprocess
 from pathlib import Path
 
 import torch
 import torchvision
+from torch import nn
+from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
+from torch.nn.utils import parametrize, prune
 
 import torch_sparsity
+from sparsity_testing import max_abs_diff
+from torch_sparsity.convert import convert, converted_name
 from torch_sparsity.sparsifiers import prepare_with_masks, prune_with_weight_norm
 
 # Input shapes: small images where the model allows; vit_b_16 needs 224.
@@ -69,8 +77,6 @@ NN_UTILS_PRUNE_METHODS = ("l1_unstructured", "ln_structured", "global_unstructur
 def _prune_with_nn_utils(model: torch.nn.Module, method: str) -> None:
     """Every Linear and Conv weight to 50% with torch.nn.utils.prune: by
     magnitude, by L2-norm of output channels, or by magnitude over all of them."""
-    from torch.nn.utils import prune
-
     weights = [(m, "weight") for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
     if method == "global_unstructured":
         prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=0.5)
@@ -96,8 +102,6 @@ def prune_structured(model: torch.nn.Module, method: str, level: float = 0.5, on
     """Rows (output channels) of every Linear and Conv2d weight (or of the
     modules named in `only`) to `level` with a torch.ao.pruning structured
     pruner (FakeStructuredSparsity and BiasHook), masks computed."""
-    from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
-
     pruner = SaliencyPruner({}) if method == "saliency" else FPGMPruner(level)
     prune_bias = method == "saliency"
     config = [
@@ -131,6 +135,125 @@ def pruned_model(name: str, method: str, seed: int = 0, input_shape=None, **mode
     else:
         raise ValueError(method)
     return model, example
+
+
+def small_pruned_model(pruning="weight_norm"):
+    """Conv, BatchNorm, ReLU and Linear, pruned with torch.ao.pruning: 50% by
+    weight norm, or ("structured") rows and their biases with the saliency
+    pruner, whose masks the export target reads through
+    fake_structured_sparsity. (A pruned channel whose bias is kept is
+    constant, and BatchNorm's batch statistics then turn its rounding into
+    noise of either sign that ReLU lets through or not: its gradients differ
+    between any two summation orders.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)
+    )
+    if pruning == "weight_norm":
+        prune_with_weight_norm(model, 0.5)
+    else:
+        prune_structured(model, "saliency")
+    return model
+
+
+# ------------------------------------------- comparing with the pruned model
+
+
+def eager_pruned_tensors(model):
+    """tensor fqn -> (module, tensor name) for every FakeSparsity parametrization."""
+    found = {}
+    for module_fqn, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                found[f"{module_fqn}.{name}" if module_fqn else name] = (module, name)
+    return found
+
+
+@contextlib.contextmanager
+def eager_mask_set_to(model, fqn, values):
+    """The pruned model with the torch.ao.pruning mask of `fqn` (a
+    FakeSparsity or FakeStructuredSparsity parametrization) holding `values`
+    for the duration. (torch's structured bias hook zeroes the biases of
+    pruned rows in place: those stay zero afterwards.)"""
+    module_fqn, _, name = fqn.rpartition(".")
+    mask = getattr(model.get_submodule(module_fqn).parametrizations, name)[0].mask
+    saved = mask.clone()
+    mask.copy_(values)
+    try:
+        yield
+    finally:
+        mask.copy_(saved)
+
+
+def forward_backward(model, inputs, seed=1):
+    """Output and {converted parameter name: grad} of output.square().mean()."""
+    torch.manual_seed(seed)  # dropout and stochastic depth draw the same numbers
+    output = model(*inputs)
+    if isinstance(output, tuple):
+        output = output[0]
+    params = [(converted_name(n), p) for n, p in model.named_parameters()]
+    grads = torch.autograd.grad(output.square().mean(), [p for _, p in params], allow_unused=True)
+    return output, {name: grad for (name, _), grad in zip(params, grads)}
+
+
+@contextlib.contextmanager
+def mha_slow_path():
+    """Eager MultiheadAttention as torch.export traces it. In eager inference
+    it takes a fused fast path (torch._native_multi_head_attention) that
+    export never records; the two differ in the last bits (vit_b_16: 3e-7)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def pruned_entries(mask, tensor):
+    """Where `tensor` is pruned by `mask` (of its shape, or one entry per row)."""
+    if mask.shape != tensor.shape:
+        mask = mask.reshape([-1] + [1] * (tensor.dim() - 1)).expand_as(tensor)
+    return ~mask.bool()
+
+
+def assert_compiled_training_matches_eager(eager, make_input, tolerance, steps=3):
+    """`steps` SGD steps with momentum of the torch.ao.pruning model `eager`
+    and of its export-target twin under torch.compile (inductor, forward and
+    backward), on the same inputs: every gradient after each step, and the
+    state at the end, within `tolerance` of eager's, relative to the largest
+    value of each. A parameter eager gives no gradient (torch's structured
+    bias hook adds its _bias through .data) gets none either. Pruned entries
+    got no gradient and stay what they were: the weight the model computes
+    with is zero there in both. Returns the converted model."""
+    converted = convert(eager, target="export").train()
+    compiled = torch.compile(converted)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, converted)]
+    for step in range(steps):
+        x = make_input()
+        for model, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        grads = {converted_name(n): p.grad for n, p in eager.named_parameters()}
+        for name, param in converted.named_parameters():
+            assert (param.grad is None) == (grads[name] is None), f"step {step}: {name}"
+            if param.grad is None:
+                continue
+            assert param.grad.device == grads[name].device, f"step {step}: {name}"
+            scale = grads[name].abs().max().item()
+            assert max_abs_diff(param.grad, grads[name]) <= tolerance * scale + 1e-7, f"step {step}: {name}"
+    eager_state = {converted_name(k): v for k, v in eager.state_dict().items()}
+    for name, value in converted.state_dict().items():
+        diff = max_abs_diff(value.double(), eager_state[name].double())
+        assert diff <= tolerance * value.abs().max().item() + 1e-7, name
+    for fqn, mask in torch_sparsity.masks(converted).items():
+        module_fqn, _, name = fqn.rpartition(".")
+        module = converted.get_submodule(module_fqn)
+        original = getattr(module, name + "_original")
+        pruned = pruned_entries(mask, original)
+        assert not getattr(module, name)[pruned].any(), fqn
+        assert not original.grad[pruned].any(), fqn
+    return converted
 
 
 def sparsity_run_path() -> Path:

@@ -2,11 +2,34 @@
 tests' model files): bitwise comparison, sample inputs, and small layers whose
 weights go through the plugin's FakeSparsity."""
 
+import functools
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 X_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MASK_DTYPES = [torch.bool, torch.uint8] + X_DTYPES
+
+# Tests (or parameters) that only mean something on a GPU.
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason=f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
+    f"built for CUDA {torch.version.cuda})",
+)
+
+
+def check_cuda_kernels():
+    # A library built without CUDA would make every GPU test fail with a
+    # dispatcher error; say what is wrong instead.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("sparsity::fake_sparsity", "CUDA"):
+        pytest.fail("the loaded torch-sparsity library has no CUDA kernels (built with TORCH_SPARSITY_WITH_CUDA=OFF?)")
+
 
 _BITS = {
     torch.float64: torch.int64,
@@ -44,6 +67,31 @@ def assert_bitwise_equal(actual, expected, what=""):
         )
 
 
+def max_abs_diff(actual, expected):
+    assert actual.shape == expected.shape
+    return (actual.detach().double() - expected.detach().double()).abs().max().item()
+
+
+def relative_diff(actual, expected):
+    """max_abs_diff relative to the largest |value| of `expected`."""
+    return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
+
+
+def assert_same_results(actual, expected, rename=lambda name: name):
+    """(output, {param: grad}) pairs from forward_backward, bit for bit;
+    `rename` maps expected's parameter names to actual's."""
+    output, grads = actual
+    expected_output, expected_grads = expected
+    assert_bitwise_equal(output, expected_output, "output")
+    expected_grads = {rename(k): v for k, v in expected_grads.items()}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        if grad is None:
+            assert grads[name] is None, name
+        else:
+            assert_bitwise_equal(grads[name], grad, name)
+
+
 def make_x(shape, dtype, special=True, device="cpu"):
     """Random values with NaN, +-Inf, signed zeros, a subnormal (for float32)
     and a value past float16's range sprinkled in. Drawn on the CPU, so a
@@ -77,6 +125,83 @@ def make_mask(shape, dtype, device="cpu", special=False):
     return mask.to(device)
 
 
+# ------------------------------------------------------ memory layouts
+#
+# Each takes a contiguous tensor and returns one holding the same values (or,
+# for "expanded", values taken from it) in another memory layout: together
+# they reach every kernel path (vector loads, misaligned, dense strided,
+# strided, broadcast).
+
+# Buffers around views are filled with this, so that a kernel writing outside
+# its view shows (the in-place tests compare the whole buffer).
+GUARD = 7
+
+
+def contiguous(t):
+    return t.clone()
+
+
+def offset_by_one(t):
+    # Storage offset of one element: data_ptr is not 16-byte aligned. 16
+    # guard elements follow the view.
+    buffer = torch.full((t.numel() + 17,), GUARD, dtype=t.dtype, device=t.device)
+    view = buffer[1 : t.numel() + 1].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def transposed(t):
+    order = list(range(t.dim()))[::-1]
+    return t.permute(order).contiguous().permute(order)
+
+
+def stepped(t):
+    # Every other element of a tensor twice as long in the last dimension.
+    buffer = torch.full(t.shape[:-1] + (2 * t.shape[-1],), GUARD, dtype=t.dtype, device=t.device)
+    view = buffer[..., ::2]
+    view.copy_(t)
+    return view
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def expanded(t):
+    # Stride 0 in the first dimension: every row is row 0.
+    return t.narrow(0, 0, 1).expand(t.shape)
+
+
+def layouts_for(shape, for_mask):
+    """(name, layout) pairs that apply to a tensor of `shape`; "expanded"
+    only for a mask (an expanded x cannot be written in place)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    layouts = [("contiguous", contiguous), ("offset1", offset_by_one)]
+    if len(shape) >= 2:
+        layouts.append(("transposed", transposed))
+    if len(shape) >= 1 and numel > 0:
+        layouts.append(("stepped", stepped))
+    if len(shape) == 4:
+        layouts.append(("channels_last", channels_last))
+    if for_mask and len(shape) >= 1 and numel > 0 and shape[0] > 1:
+        layouts.append(("expanded", expanded))
+    return layouts
+
+
+def layout_cases(shape, x_dtype, mask_dtype, device):
+    """Every x layout against every mask layout of `shape`: yields
+    (description, new_x, mask), new_x() giving a fresh x in its layout (an
+    in-place test needs two)."""
+    x_values = make_x(shape, x_dtype, device=device)
+    mask_values = make_mask(shape, mask_dtype, device=device, special=True)
+    for x_name, x_layout in layouts_for(shape, for_mask=False):
+        for mask_name, mask_layout in layouts_for(shape, for_mask=True):
+            what = f"shape {shape}, x {x_name}, mask {mask_name}"
+            yield what, functools.partial(x_layout, x_values), mask_layout(mask_values)
+
+
 class TensorBag(torch.nn.Module):
     """Carries named tensors to C++ as buffers of a scripted module (the C++
     tests and tests/consumer read them with torch::jit::load)."""
@@ -99,13 +224,6 @@ def run_under_cpu_capability(test_file, capability: str, keyword: str) -> None:
     of its own with ATEN_CPU_CAPABILITY forcing `capability`, for the loops
     picked by torch's CPU capability (PyTorch's own kernels follow the same
     setting); skips where the CPU runs another capability when asked."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import pytest
-
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     reported = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
@@ -124,8 +242,6 @@ def run_under_cpu_capability(test_file, capability: str, keyword: str) -> None:
 def write_patched_archive(src, dst, old: bytes, new: bytes):
     """Copies a torch.jit.save archive, replacing bytes in its data.pkl: a way
     to make files with malformed or future FakeSparsity states."""
-    import zipfile
-
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             data = zin.read(info.filename)
