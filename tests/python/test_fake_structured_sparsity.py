@@ -1,19 +1,36 @@
 """sparsity::fake_structured_sparsity and torch.classes.sparsity.FakeStructuredSparsity
 against what torch.ao.pruning's FakeStructuredSparsity computes,
-mask.reshape(-1, 1, ...) * x, on the CPU."""
+mask.reshape(-1, 1, ...) * x, bit for bit, on the CPU and (tests taking
+`device`) on the GPU where one is."""
 
 import copy
 import io
 import itertools
 import os
+import re
+import zipfile
 
 import pytest
 import torch
-from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, make_mask, make_x, run_under_cpu_capability
+from sparsity_testing import (
+    MASK_DTYPES,
+    X_DTYPES,
+    assert_bitwise_equal,
+    contiguous,
+    layouts_for,
+    make_mask,
+    make_x,
+    run_under_cpu_capability,
+    stepped,
+    write_patched_archive,
+)
 
 fake_structured_sparsity = torch.ops.sparsity.fake_structured_sparsity
 
-SHAPES = [(0,), (1,), (7,), (0, 3), (3, 0), (5, 3), (2, 3, 4), (2, 3, 4, 5), (2, 1, 3, 4, 5), (33, 65), (4, 3000)]
+SHAPES = [
+    (0,), (1,), (7,), (1029,), (0, 3), (3, 0), (5, 3), (4, 33), (33, 65), (4, 3000), (3, 0, 2), (2, 3, 4), (3, 5, 7),
+    (2, 3, 4, 5), (2, 1, 3, 4, 5), (2, 1, 3, 5, 3),
+]
 
 
 def rows(mask, x):
@@ -27,13 +44,20 @@ def reference(x, mask):
 
 @pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, MASK_DTYPES)))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_row_mask_times_x(shape, x_dtype, mask_dtype):
-    x = make_x(shape, x_dtype)
-    mask = make_mask(shape[:1], mask_dtype, special=True)
-    x_before, mask_before = x.clone(), mask.clone()
-    assert_bitwise_equal(fake_structured_sparsity(x, mask), reference(x, mask))
-    assert_bitwise_equal(x, x_before)
-    assert torch.equal(mask, mask_before) or mask.dtype.is_floating_point
+def test_matches_row_mask_times_x(device, shape, x_dtype, mask_dtype):
+    """The row mask goes through fake_sparsity's kernels expanded with
+    stride 0: every x layout, against a contiguous and a stepped mask."""
+    x_values = make_x(shape, x_dtype, device=device)
+    mask_values = make_mask(shape[:1], mask_dtype, device=device, special=True)
+    mask_layouts = [("contiguous", contiguous)] + [("stepped", stepped)] * (shape[0] > 0)
+    for x_name, x_layout in layouts_for(shape, for_mask=False):
+        for mask_name, mask_layout in mask_layouts:
+            x, mask = x_layout(x_values), mask_layout(mask_values)
+            what = f"x {x_name}, mask {mask_name}"
+            x_before, mask_before = x.clone(), mask.clone()
+            assert_bitwise_equal(fake_structured_sparsity(x, mask), reference(x, mask), what)
+            assert_bitwise_equal(x, x_before, what)
+            assert_bitwise_equal(mask, mask_before, what)
 
 
 def test_zero_rows_of_inf_and_nan_give_nan_and_keep_signs():
@@ -91,29 +115,32 @@ def test_each_cpu_capability_path(capability):
 # ---------------------------------------------------------------- autograd
 
 
-def test_gradcheck_and_gradgradcheck_float64():
-    for shape in [(4,), (4, 5), (3, 2, 2, 3)]:
-        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        mask = torch.rand(shape[0], dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(fake_structured_sparsity, (x, mask))
-        assert torch.autograd.gradgradcheck(fake_structured_sparsity, (x, mask))
-    bool_mask = torch.tensor([True, False, True, True])
-    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_and_gradgradcheck_float64(device):
+    for shape in [(4,), (4, 5), (4, 3, 2), (3, 2, 2, 3)]:
+        x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+        for mask in (torch.rand(shape[0], dtype=torch.float64), torch.randn(shape[0], dtype=torch.float64)):
+            mask = mask.to(device).requires_grad_()
+            assert torch.autograd.gradcheck(fake_structured_sparsity, (x, mask))
+            assert torch.autograd.gradgradcheck(fake_structured_sparsity, (x, mask))
+    bool_mask = torch.tensor([True, False, True, True], device=device)
+    x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fake_structured_sparsity(t, bool_mask), (x,))
     assert torch.autograd.gradgradcheck(lambda t: fake_structured_sparsity(t, bool_mask), (x,))
 
 
 @pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, [torch.bool, torch.float32])))
-def test_gradients_match_the_reference(x_dtype, mask_dtype):
-    x = make_x((6, 4, 3), x_dtype, special=False).requires_grad_()
-    mask = make_mask((6,), mask_dtype)
-    if mask.dtype.is_floating_point:
-        mask.requires_grad_()
-    grad = make_x((6, 4, 3), torch.promote_types(x_dtype, mask_dtype), special=False)
-    ours = torch.autograd.grad(fake_structured_sparsity(x, mask), [x] + [mask] * mask.requires_grad, grad)
-    theirs = torch.autograd.grad(reference(x, mask), [x] + [mask] * mask.requires_grad, grad)
-    for a, b in zip(ours, theirs):
-        assert_bitwise_equal(a, b)
+def test_gradients_match_the_reference(device, x_dtype, mask_dtype):
+    for shape in [(6, 4, 3), (6, 7)]:
+        x = make_x(shape, x_dtype, special=False, device=device).requires_grad_()
+        mask = make_mask(shape[:1], mask_dtype, device=device)
+        if mask.dtype.is_floating_point:
+            mask.requires_grad_()
+        grad = make_x(shape, torch.promote_types(x_dtype, mask_dtype), special=False, device=device)
+        ours = torch.autograd.grad(fake_structured_sparsity(x, mask), [x] + [mask] * mask.requires_grad, grad)
+        theirs = torch.autograd.grad(reference(x, mask), [x] + [mask] * mask.requires_grad, grad)
+        for a, b in zip(ours, theirs):
+            assert a.device.type == device
+            assert_bitwise_equal(a, b, str(shape))
 
 
 def test_no_grad_and_inference_mode():
@@ -125,19 +152,19 @@ def test_no_grad_and_inference_mode():
         assert_bitwise_equal(fake_structured_sparsity(x, mask), reference(x, mask))
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        (torch.randn(4, 3), torch.rand(4) > 0.5),
-        (torch.randn(4, 3, 2, dtype=torch.bfloat16), torch.rand(4)),
-        (torch.randn(5, 4).t(), torch.rand(4, dtype=torch.float16)),
-        (torch.randn(4, 3, requires_grad=True), torch.rand(4, requires_grad=True)),
-        (torch.randn(0, 3), torch.rand(0)),
-    ],
-    ids=["bool", "bf16-float", "transposed", "grad", "empty"],
-)
-def test_opcheck(args):
-    torch.library.opcheck(fake_structured_sparsity, args)
+# Samples of (x, mask) for opcheck, made on a device: (name, make(device)).
+OPCHECK_SAMPLES = {
+    "bool": lambda d: (torch.randn(4, 3, device=d), torch.rand(4, device=d) > 0.5),
+    "bf16-float": lambda d: (torch.randn(4, 3, 2, dtype=torch.bfloat16, device=d), torch.rand(4, device=d)),
+    "transposed": lambda d: (torch.randn(5, 4, device=d).t(), torch.rand(4, dtype=torch.float16, device=d)),
+    "grad": lambda d: (torch.randn(4, 3, device=d, requires_grad=True), torch.rand(4, device=d, requires_grad=True)),
+    "empty": lambda d: (torch.randn(0, 3, device=d), torch.rand(0, device=d)),
+}
+
+
+@pytest.mark.parametrize("sample", list(OPCHECK_SAMPLES))
+def test_opcheck(device, sample):
+    torch.library.opcheck(fake_structured_sparsity.default, OPCHECK_SAMPLES[sample](device))
 
 
 # --------------------------------------------------------------- bad input
@@ -149,18 +176,29 @@ def test_opcheck(args):
         (torch.randn(3, 2), torch.ones(2), r"mask shape \[2\] must be \[x.size\(0\)\] for x of shape \[3, 2\]"),
         (torch.randn(3, 2), torch.ones(3, 2), r"mask shape \[3, 2\] must be \[x.size\(0\)\]"),
         (torch.tensor(1.0), torch.ones(1), r"x must have at least one dimension"),
-        (torch.randn(3, 2), torch.ones(3, device="meta"), r"same device, but x is on cpu and mask is on meta"),
         (torch.ones(3, 2, dtype=torch.int32), torch.ones(3), r"x must be a floating tensor"),
         (torch.randn(3, 2), torch.ones(3, dtype=torch.int64), r"mask must be bool, uint8 or floating"),
+    ],
+    ids=["short mask", "full mask", "0-d x", "int x", "int64 mask"],
+)
+def test_bad_input_is_a_clear_error(device, x, mask, message):
+    with pytest.raises(RuntimeError, match=message):
+        fake_structured_sparsity(x.to(device), mask.to(device))
+
+
+@pytest.mark.parametrize(
+    "x,mask,message",
+    [
+        (torch.randn(3, 2), torch.ones(3, device="meta"), r"same device, but x is on cpu and mask is on meta"),
         # A sparse operand has no kernel: the dispatcher's own error.
         (torch.randn(3, 2).to_sparse(), torch.ones(3), r"Could not run 'sparsity::fake_structured_sparsity' with "
          r"arguments from the 'SparseCPU' backend"),
         (torch.randn(3, 2), torch.ones(3).to_sparse(), r"Could not run 'sparsity::fake_structured_sparsity' with "
          r"arguments from the 'SparseCPU' backend"),
     ],
-    ids=["short mask", "full mask", "0-d x", "devices", "int x", "int64 mask", "sparse x", "sparse mask"],
+    ids=["devices", "sparse x", "sparse mask"],
 )
-def test_bad_input_is_a_clear_error(x, mask, message):
+def test_bad_layout_or_device_is_a_clear_error(x, mask, message):
     with pytest.raises(RuntimeError, match=message):
         fake_structured_sparsity(x, mask)
 
@@ -270,8 +308,6 @@ def test_gradient_through_the_class_reaches_the_weight():
 
 def _state_patches(data: bytes):
     """(old, new, message) byte patches of a saved FakeStructuredSparsity state."""
-    import re
-
     version = re.search(rb"FakeStructuredSparsity\nq.\)\x81K\x01", data, re.DOTALL).group(0)
     return {
         "future version": (version, version[:-1] + b"\x07", r"FakeStructuredSparsity: cannot load a pickled state "
@@ -283,10 +319,6 @@ def _state_patches(data: bytes):
 
 @pytest.mark.parametrize("case", ["future version", "missing mask"])
 def test_bad_pickled_state_is_a_clear_error(tmp_path, case):
-    import zipfile
-
-    from sparsity_testing import write_patched_archive
-
     good = tmp_path / "good.pt"
     torch.jit.save(torch.jit.script(RowPrunedLinear(torch.nn.Linear(4, 3), torch.ones(3))), good)
     with zipfile.ZipFile(good) as archive:
