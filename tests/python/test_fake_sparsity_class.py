@@ -15,6 +15,7 @@ from sparsity_testing import (
     SparseLinear,
     assert_bitwise_equal,
     make_mask,
+    make_x,
     write_patched_archive,
 )
 from torch.ao.pruning.sparsifier.utils import FakeSparsity as ReferenceFakeSparsity
@@ -213,3 +214,40 @@ def test_forward_on_meta_input_keeps_the_real_mask():
     out = fs.forward(torch.empty(2, 2, device="meta"))
     assert out.device.type == "meta"
     assert fs.mask is mask and fs.mask.device.type == "cpu"
+
+
+# ------------------------------------------------ moved to another device
+
+
+class MaskedAdd(torch.nn.Module):
+    """forward(x) = FakeSparsity(mask).forward(x) + bias."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.sparsity = FakeSparsity(mask)
+        self.bias = torch.nn.Parameter(torch.randn(mask.shape[-1]))
+
+    def forward(self, x):
+        return self.sparsity.forward(x) + self.bias
+
+
+def test_scripted_module_moved_to_a_device(device):
+    mask = torch.rand(3, 8) > 0.5
+    module = torch.jit.script(MaskedAdd(mask))
+    x = make_x((3, 8), torch.float32, device=device).nan_to_num()
+    moved = module.to(device)
+    out = moved(x)
+    assert out.device.type == device
+    assert_bitwise_equal(out, mask.to(device) * x + module.bias, f"after .to({device!r})")
+
+
+def test_scripted_module_loaded_with_map_location(device):
+    mask = torch.rand(3, 8) > 0.5
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(MaskedAdd(mask)), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer, map_location=device)
+    x = make_x((3, 8), torch.float32, device=device).nan_to_num()
+    out = loaded(x)
+    assert out.device.type == device and loaded.bias.device.type == device
+    assert_bitwise_equal(out, mask.to(device) * x + loaded.bias, f"after jit.load(map_location={device!r})")
