@@ -21,11 +21,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import load_library
-from .convert import MASK_SUFFIX, masks
+from .masks import masks
+from .naming import MASK_SUFFIX, MASKS_METADATA_KEY
 
 __all__ = ["MASKS_METADATA_KEY", "PrunedRunner", "compile", "load"]
-
-MASKS_METADATA_KEY = "torch_sparsity.masks"
 
 
 def _mask_constants(program: "torch.export.ExportedProgram") -> Dict[str, str]:

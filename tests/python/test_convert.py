@@ -12,16 +12,23 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize
 
-from sparsity_testing import assert_bitwise_equal, make_x
-from end_to_end_models import INPUT_SHAPES, hand_made_masks, pruned_model, sparsity_run
+from sparsity_testing import assert_bitwise_equal, make_x, max_abs_diff
+from end_to_end_models import (
+    INPUT_SHAPES,
+    eager_pruned_tensors,
+    forward_backward,
+    hand_made_masks,
+    pruned_model,
+    sparsity_run,
+)
 from torch_sparsity import utils as sparsity_utils
+from torch_sparsity.cli import main
 from torch_sparsity.convert import (
     ConversionError,
     compact_mask,
     convert,
     converted_name,
     fake_sparsities,
-    main,
     mask_bytes,
     squash,
 )
@@ -40,43 +47,12 @@ MORE_MODELS = ["convnext_tiny", "maxvit_t", "swin_t", "swin_v2_t"]
 ATOL = 1e-5
 
 
-def max_abs_diff(actual, expected):
-    assert actual.shape == expected.shape
-    return (actual.detach().double() - expected.detach().double()).abs().max().item()
-
-
-def relative_diff(actual, expected):
-    """max_abs_diff relative to the largest |value| of `expected`."""
-    return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
-
-
 def assert_outputs_equal(actual, expected):
     """Under ATOL, and under ATOL relative to the output's size, so that a
     model whose outputs are all tiny still has to match."""
     diff = max_abs_diff(actual, expected)
     scale = max(expected.abs().max().item(), 1e-30)
     assert diff < ATOL and diff / scale < ATOL, f"max |diff| {diff} for outputs of size {scale}"
-
-
-def eager_pruned_tensors(model):
-    """tensor fqn -> (module, tensor name) for every FakeSparsity parametrization."""
-    found = {}
-    for module_fqn, module in model.named_modules():
-        if parametrize.is_parametrized(module):
-            for name in module.parametrizations:
-                found[f"{module_fqn}.{name}" if module_fqn else name] = (module, name)
-    return found
-
-
-def forward_backward(model, inputs, seed=1):
-    """Output and {converted parameter name: grad} of output.square().mean()."""
-    torch.manual_seed(seed)  # dropout and stochastic depth draw the same numbers
-    output = model(*inputs)
-    if isinstance(output, tuple):
-        output = output[0]
-    params = [(converted_name(n), p) for n, p in model.named_parameters()]
-    grads = torch.autograd.grad(output.square().mean(), [p for _, p in params], allow_unused=True)
-    return output, {name: grad for (name, _), grad in zip(params, grads)}
 
 
 def fresh_scripted(pruned):
