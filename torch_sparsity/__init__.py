@@ -110,12 +110,4 @@ if _build_info is not None and not os.environ.get("TORCH_SPARSITY_LIBRARY"):
 load_library()
 
 from . import _fake_classes  # noqa: E402,F401  (needs the library's classes)
-
-
-def masks(obj):
-    """The live masks of a converted model or ExportedProgram by tensor fqn:
-    torch_sparsity.convert.masks (imported when first called, so that
-    ``python -m torch_sparsity.convert`` runs the module only once)."""
-    from .convert import masks as live_masks
-
-    return live_masks(obj)
+from .masks import masks  # noqa: E402  (the live masks of a converted model or ExportedProgram)
