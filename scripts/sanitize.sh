@@ -63,7 +63,6 @@ if [ "$leg" = address ]; then
     tests/python/test_fake_sparsity_op.py tests/python/test_fake_structured_sparsity.py \
     tests/python/test_fake_sparsity_class.py tests/python/test_fake_sparsity_cache.py \
     tests/python/test_reliability.py tests/python/test_module_utils.py \
-    tests/python/test_cuda_tests_on_cpu.py \
     $( [ -f tests/python/test_fuzz.py ] && echo tests/python/test_fuzz.py ) \
     ${SANITIZE_PYTEST_ARGS:-} 2>&1 | tail -n 15 | tee "$build_dir/pytest.log" || status=1
   echo "== sanitize (address): pytest took $((SECONDS - start)) s"

@@ -1,7 +1,9 @@
 """torch_sparsity.aoti: AOTInductor packages of models pruned with
 torch.ao.pruning and converted with target="export", run from Python and
 from C++ (sparsity::aoti::PrunedPackage in a program built against the
-installed package), before and after set_mask, against the eager model.
+installed package), before and after set_mask, against the eager model;
+packages compiled for each device (tests taking `device`), the GPU's where
+one is.
 
 Tolerance: AOTInductor generates its own C++ kernels for everything but
 the convolutions and matrix products (BatchNorm, activations, pooling, fused
@@ -19,9 +21,8 @@ from torch import nn
 
 import torch_sparsity
 from cpp_consumer import run
-from end_to_end_models import pruned_model
-from sparsity_testing import save_tensor_bag
-from test_convert import relative_diff
+from end_to_end_models import eager_mask_set_to, pruned_model, small_pruned_model
+from sparsity_testing import relative_diff, save_tensor_bag
 from torch_sparsity import aoti
 from torch_sparsity.convert import convert, parametrized_masks
 from torch_sparsity.sparsifiers import prune_with_weight_norm
@@ -206,3 +207,60 @@ def test_package_written_without_the_metadata_finds_masks_by_name(tmp_path):
 def test_missing_package_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=re.escape(f"PrunedPackage: cannot load '{tmp_path / 'none.pt2'}'")):
         aoti.load(tmp_path / "none.pt2")
+
+
+# ------------------------------------------------------ on every device
+
+
+# (pruning, fold_masks): the masked weights folded when loaded and after a
+# set_mask (the default), or the operator's device kernel called on every
+# run through AOTInductor's proxy executor. Against the torch.ao.pruning
+# model, moved to the device.
+@pytest.fixture(scope="module", params=[("weight_norm", True), ("weight_norm", False), ("structured", True)],
+                ids=["folded", "operator", "structured-folded"])
+def device_package(request, device, tmp_path_factory):
+    pruning, fold_masks = request.param
+    model = small_pruned_model(pruning).to(device).eval()
+    converted = convert(model, target="export")
+    x = torch.randn(2, 3, 6, 6).to(device)
+    path = aoti.compile(converted, (x,), tmp_path_factory.mktemp("aoti-device") / f"{pruning}.pt2",
+                        fold_masks=fold_masks)
+    return model, x, path
+
+
+def test_package_for_the_device_runs_as_the_pruned_model(device_package):
+    model, x, path = device_package
+    runner = aoti.load(path)
+    with torch.no_grad():
+        out, expected = runner(x), model(x)
+    assert out.device == x.device
+    assert relative_diff(out, expected) <= RTOL
+    for fqn in runner.mask_names():
+        assert runner.mask(fqn).device == x.device, fqn
+
+
+def test_package_for_the_device_takes_a_new_mask(device_package):
+    model, x, path = device_package
+    runner = aoti.load(path)
+    fqn = "4.weight"
+    held = runner.mask(fqn)
+    new_mask = torch.rand(held.shape).to(x.device) > 0.7
+    with torch.no_grad():
+        before = runner(x)
+    runner.set_mask(fqn, new_mask)
+    assert torch.equal(runner.mask(fqn), new_mask)
+    with torch.no_grad(), eager_mask_set_to(model, fqn, new_mask):
+        after, expected = runner(x), model(x)
+    assert relative_diff(after, expected) <= RTOL
+    assert relative_diff(after, before) > 1e-3
+    # A mask on another device is refused and changes nothing.
+    elsewhere = new_mask.to("meta" if x.device.type == "cpu" else "cpu")
+    with pytest.raises(RuntimeError, match=rf"is on {x.device.type}.*, got a mask on {elsewhere.device.type}"):
+        runner.set_mask(fqn, elsewhere)
+    assert torch.equal(runner.mask(fqn), new_mask)
+    # Back to the first mask: the first output again. (Not model(x): the
+    # structured pruner's bias hook zeroed the eager biases of the rows the
+    # new mask pruned, in place, for good.)
+    runner.set_mask(fqn, held)
+    with torch.no_grad():
+        assert relative_diff(runner(x), before) <= RTOL

@@ -12,10 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import torch_sparsity
-from end_to_end_models import NN_UTILS_PRUNE_METHODS, pruned_model
-from sparsity_testing import assert_bitwise_equal, make_x
-from test_convert import forward_backward
-from test_export import mha_slow_path
+from end_to_end_models import NN_UTILS_PRUNE_METHODS, forward_backward, mha_slow_path, pruned_model
+from sparsity_testing import assert_bitwise_equal, assert_same_results, make_x
 from torch_sparsity.convert import ConversionError, convert, fake_sparsities
 from torch_sparsity.sparsifiers import prepare_with_masks
 
@@ -60,20 +58,6 @@ def renamer(pruned_model_):
         return key
 
     return rename
-
-
-def assert_same_results(actual, expected, rename):
-    """(output, {param: grad}) pairs from forward_backward, bit for bit."""
-    output, grads = actual
-    expected_output, expected_grads = expected
-    assert_bitwise_equal(output, expected_output, "output")
-    expected_grads = {rename(k): v for k, v in expected_grads.items()}
-    assert grads.keys() == expected_grads.keys()
-    for name, grad in expected_grads.items():
-        if grad is None:
-            assert grads[name] is None, name
-        else:
-            assert_bitwise_equal(grads[name], grad, name)
 
 
 def assert_pruned_tensors_read_the_same(converted, model):

@@ -16,11 +16,8 @@ from torch.ao.pruning._experimental.pruner.parametrization import BiasHook, Fake
 from torch.nn.utils import parametrize
 
 import torch_sparsity
-from end_to_end_models import STRUCTURED_PRUNER_METHODS, prune_structured, pruned_model
-from sparsity_testing import assert_bitwise_equal, save_tensor_bag
-from test_convert import forward_backward
-from test_export import mha_slow_path
-from test_prune_sources import assert_same_results
+from end_to_end_models import STRUCTURED_PRUNER_METHODS, forward_backward, mha_slow_path, prune_structured, pruned_model
+from sparsity_testing import assert_bitwise_equal, assert_same_results, save_tensor_bag
 from torch_sparsity.convert import ConversionError, convert, masks, squash
 
 pytestmark = [
@@ -60,19 +57,13 @@ def structured_masks(model):
     }
 
 
-def assert_same(actual, expected):
-    """(output, {param: grad}) from forward_backward, bit for bit; the names
-    are the same on both sides (converted_name maps the parametrization's)."""
-    assert_same_results(actual, expected, rename=lambda name: name)
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("method", STRUCTURED_PRUNER_METHODS)
 def test_eager_output_and_gradients_bit_for_bit(method, target):
     model, x = small_pruned(method)
     converted = convert(model, target=target)
     expected = forward_backward(model, (x,))
-    assert_same(forward_backward(converted, (x,)), expected)
+    assert_same_results(forward_backward(converted, (x,)), expected)
     # The masks are the pruner's, as row masks, and not in the state dict.
     found = masks(converted)
     assert found.keys() == structured_masks(model).keys()
@@ -158,8 +149,8 @@ def test_torchvision_models_converted_and_scripted_bit_for_bit(name, method):
     with mha_slow_path():
         expected = forward_backward(model, (x,))
         for target in TARGETS:
-            assert_same(forward_backward(convert(model, target=target), (x,)), expected)
-        assert_same(forward_backward(torch.jit.script(convert(model)), (x,)), expected)
+            assert_same_results(forward_backward(convert(model, target=target), (x,)), expected)
+        assert_same_results(forward_backward(torch.jit.script(convert(model)), (x,)), expected)
 
 
 def test_aoti_package_masks_are_row_masks_that_set_mask_replaces(tmp_path):
