@@ -13,9 +13,6 @@
 namespace sparsity::aoti {
 namespace {
 
-constexpr const char* kMaskSuffix = "_mask";
-constexpr const char* kOriginalSuffix = "_original";
-
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -31,7 +28,7 @@ std::map<std::string, std::string> parse_masks_metadata(const std::string& text)
     }
     const auto eq = entry.find('=');
     TORCH_CHECK(eq != std::string::npos && eq > 0 && eq + 1 < entry.size(),
-        "PrunedPackage: malformed metadata entry '", entry, "' under ", PrunedPackage::kMasksMetadataKey);
+        "PrunedPackage: malformed metadata entry '", entry, "' under ", naming::kMasksMetadataKey);
     result.emplace(entry.substr(0, eq), entry.substr(eq + 1));
   }
   return result;
@@ -42,11 +39,11 @@ std::map<std::string, std::string> masks_by_naming(const std::vector<std::string
   const std::set<std::string> names(constants.begin(), constants.end());
   std::map<std::string, std::string> result;
   for (const auto& constant : constants) {
-    if (!ends_with(constant, kMaskSuffix)) {
+    if (!ends_with(constant, naming::kMaskSuffix)) {
       continue;
     }
-    const std::string fqn = constant.substr(0, constant.size() - std::string(kMaskSuffix).size());
-    if (names.count(fqn + kOriginalSuffix)) {
+    const std::string fqn = constant.substr(0, constant.size() - std::string(naming::kMaskSuffix).size());
+    if (names.count(fqn + naming::kOriginalSuffix)) {
       result.emplace(fqn, constant);
     }
   }
@@ -64,7 +61,7 @@ PrunedPackage::PrunedPackage(const std::string& package_path, const std::string&
     TORCH_CHECK(false, "PrunedPackage: cannot load '", package_path, "': ", e.what());
   }
   const auto metadata = loader_->get_metadata();
-  const auto recorded = metadata.find(kMasksMetadataKey);
+  const auto recorded = metadata.find(naming::kMasksMetadataKey);
   const auto constants = loader_->get_constant_fqns();
   const auto by_fqn = recorded != metadata.end() ? parse_masks_metadata(recorded->second) : masks_by_naming(constants);
   // The values the compiled model starts with, by constant fqn.
@@ -145,7 +142,7 @@ std::optional<at::Tensor> PrunedPackage::original(const std::string& fqn) const 
   std::shared_lock<std::shared_mutex> lock(mutex_);
   find(fqn, "original");
   const auto values = loader_->get_runner()->extract_constants_map(/*use_inactive=*/false);
-  const auto it = values.find(fqn + kOriginalSuffix);
+  const auto it = values.find(fqn + naming::kOriginalSuffix);
   if (it == values.end()) {
     return std::nullopt;
   }

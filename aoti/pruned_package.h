@@ -4,12 +4,14 @@
 // converted with torch_sparsity.convert(model, target="export"), run with its
 // masks still live. AOTInductor keeps each mask buffer as a constant of the
 // compiled model; this class finds them (package metadata
-// "torch_sparsity.masks", else the "<T>_mask" / "<T>_original" naming of
-// convert), names them by the pruned tensor's fqn ("layer1.0.conv1.weight")
+// naming::kMasksMetadataKey, else the "<T>_mask" / "<T>_original" naming of
+// convert, classes/naming.h), names them by the pruned tensor's fqn ("layer1.0.conv1.weight")
 // and replaces one for the next runs after checking it.
 //
 // Also registered as torch.classes.sparsity.PrunedPackage, which
 // torch_sparsity.aoti.load wraps for Python.
+
+#include "classes/naming.h"
 
 #include <ATen/core/Tensor.h>
 #include <torch/custom_class.h>
@@ -31,7 +33,7 @@ class PrunedPackage : public torch::CustomClassHolder {
  public:
   // Metadata key under which torch_sparsity.aoti.compile records the masks:
   // "fqn=constant;fqn=constant".
-  static constexpr const char* kMasksMetadataKey = "torch_sparsity.masks";
+  static constexpr const char* kMasksMetadataKey = naming::kMasksMetadataKey;
 
   // Loads the package's model `model_name` ("model" unless the package was
   // written with another). Throws c10::Error when the package cannot be
