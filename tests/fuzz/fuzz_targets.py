@@ -1,5 +1,5 @@
-"""The fuzz targets of issue 14: what a case is, how one is drawn, and the
-oracle that runs it.
+"""The fuzz targets (bad pickled states, module fqns, set_mask inputs): what
+a case is, how one is drawn, and the oracle that runs it.
 
 A case is a JSON object (so that a finding or a corpus entry is a readable
 file) with "target" and "kind"; each target draws cases from a
@@ -415,8 +415,8 @@ MEMO_INDEX_LIMIT = 1 << 20
 
 def known_torch_limit_of_jit_archive(records: Dict[str, bytes]) -> Optional[str]:
     """Why torch's own unpickler cannot be trusted with this archive, or None.
-    Issue 14 names two limits: a huge memo index, and a storage element count
-    that the unpickler trusts (a storage larger than its record, then read
+    Two are known: a huge memo index, and a storage element count that the
+    unpickler trusts (a storage larger than its record, then read
     past its end)."""
     data_pkl = records.get(pa.find_record(records, "data.pkl") or "", b"")
     indices = pa.memo_indices(data_pkl)

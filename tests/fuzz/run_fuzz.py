@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs the fuzz targets of fuzz_targets.py (issue 14) and saves what they find.
+"""Runs the fuzz targets of fuzz_targets.py and saves what they find.
 
     run_fuzz.py [--target all|pickled_state|module_utils_fqn|set_mask]
                 [--seed 14] (--cases N | --seconds S) [--out DIR]

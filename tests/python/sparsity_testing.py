@@ -1,6 +1,7 @@
 """Helpers shared by the Python tests (and the script that writes the C++
-tests' model files): bitwise comparison, sample inputs, and small layers whose
-weights go through the plugin's FakeSparsity."""
+tests' model files): bitwise and relative comparison, sample inputs, the
+memory layouts that reach every kernel path, what a GPU test needs, and
+small layers whose weights go through the plugin's FakeSparsity."""
 
 import functools
 import os

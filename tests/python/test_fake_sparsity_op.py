@@ -10,13 +10,7 @@ import os
 import pytest
 import torch
 from sparsity_testing import (
-    MASK_DTYPES,
-    X_DTYPES,
-    assert_bitwise_equal,
-    layout_cases,
-    make_mask,
-    make_x,
-    run_under_cpu_capability,
+    MASK_DTYPES, X_DTYPES, assert_bitwise_equal, layout_cases, make_mask, make_x, run_under_cpu_capability,
 )
 
 fake_sparsity = torch.ops.sparsity.fake_sparsity
@@ -335,20 +329,14 @@ def test_inference_mode():
 OPCHECK_SAMPLES = {
     "bool": lambda d: (torch.randn(3, 4, device=d), torch.rand(3, 4, device=d) > 0.5),
     "grad-x": lambda d: (torch.randn(3, 4, device=d, requires_grad=True), torch.rand(3, 4, device=d)),
-    "grad-both": lambda d: (
-        torch.randn(3, 4, device=d, requires_grad=True), torch.rand(3, 4, device=d, requires_grad=True)
-    ),
+    "grad-both": lambda d: (torch.randn(3, 4, device=d, requires_grad=True), torch.rand(3, 4, device=d, requires_grad=True)),
     "float64-grad-both": lambda d: (
         torch.randn(2, 3, dtype=torch.float64, device=d, requires_grad=True),
         torch.rand(2, 3, dtype=torch.float64, device=d, requires_grad=True),
     ),
     "f16-float": lambda d: (torch.randn(2, 3, dtype=torch.float16, device=d), torch.rand(2, 3, device=d)),
-    "f16-transposed-float": lambda d: (
-        torch.randn(4, 3, dtype=torch.float16, device=d).t(), torch.rand(3, 4, device=d)
-    ),
-    "transposed-uint8": lambda d: (
-        torch.randn(5, 6, device=d).t(), torch.randint(0, 2, (6, 5), dtype=torch.uint8, device=d)
-    ),
+    "f16-transposed-float": lambda d: (torch.randn(4, 3, dtype=torch.float16, device=d).t(), torch.rand(3, 4, device=d)),
+    "transposed-uint8": lambda d: (torch.randn(5, 6, device=d).t(), torch.randint(0, 2, (6, 5), dtype=torch.uint8, device=d)),
     "empty": lambda d: (torch.randn(0, 3, device=d), torch.ones(0, 3, dtype=torch.bool, device=d)),
 }
 
@@ -371,11 +359,8 @@ def test_opcheck_inplace(device, sample):
     # The SPEC fixes the schema "-> Tensor(a!)"; torch.compile cannot
     # functionalize a custom op whose output aliases an input, so opcheck's
     # aot_dispatch test is checked separately below.
-    torch.library.opcheck(
-        fake_sparsity_.default,
-        INPLACE_SAMPLES[sample](device),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(fake_sparsity_.default, INPLACE_SAMPLES[sample](device), test_utils=utils)
 
 
 def test_opcheck_inplace_aot_dispatch_is_a_known_torch_limitation():

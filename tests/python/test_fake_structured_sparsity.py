@@ -130,8 +130,9 @@ def test_gradcheck_and_gradgradcheck_float64(device):
 
 @pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, [torch.bool, torch.float32])))
 def test_gradients_match_the_reference(device, x_dtype, mask_dtype):
-    for shape in [(6, 4, 3), (6, 7)]:
-        x = make_x(shape, x_dtype, special=False, device=device).requires_grad_()
+    # (6, 7): x with the specials but NaN (Inf turned into the largest finite value).
+    for shape, special in [((6, 4, 3), False), ((6, 7), True)]:
+        x = make_x(shape, x_dtype, special=special, device=device).nan_to_num().requires_grad_()
         mask = make_mask(shape[:1], mask_dtype, device=device)
         if mask.dtype.is_floating_point:
             mask.requires_grad_()

@@ -1,4 +1,4 @@
-"""The fuzzers of tests/fuzz (issue 14), CI-sized: every committed corpus
+"""The fuzzers of tests/fuzz, CI-sized: every committed corpus
 entry is replayed and each target runs a fixed number of cases with the
 fixed seed, in a worker process of tests/fuzz/run_fuzz.py (so that a crash
 fails a test instead of killing pytest). The long run is scripts/fuzz.sh.

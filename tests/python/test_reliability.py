@@ -1,6 +1,6 @@
-"""Bad input that used to be refused only after a write (issue 14's audit):
-each call must raise before it changes anything, as aten's in-place
-operators do."""
+"""Bad input that an audit of the operators found refused only after a
+write: each call must raise before it changes anything, as aten's
+in-place operators do."""
 
 from typing import Any
 
