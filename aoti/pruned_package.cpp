@@ -1,4 +1,5 @@
 #include "aoti/pruned_package.h"
+#include "ops/registration.h"
 
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
@@ -153,7 +154,7 @@ std::vector<std::string> PrunedPackage::call_spec() {
   return loader_->get_call_spec();
 }
 
-TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+SPARSITY_LIBRARY_FRAGMENT(m) {
   m.class_<PrunedPackage>("PrunedPackage")
       .def(torch::init<std::string, std::string>(), "", {torch::arg("package_path"), torch::arg("model_name") = "model"})
       .def("run", &PrunedPackage::run)

@@ -2,6 +2,7 @@
 
 #include "ops/fake_sparsity.h"
 #include "ops/fake_sparsity_common.h"
+#include "ops/registration.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/count_nonzero.h>
@@ -381,7 +382,7 @@ void define_mask_class(torch::Library& m, const char* name) {
 
 } // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+SPARSITY_LIBRARY_FRAGMENT(m) {
   define_mask_class<FakeSparsity>(m, "FakeSparsity");
   define_mask_class<FakeStructuredSparsity>(m, "FakeStructuredSparsity");
 }

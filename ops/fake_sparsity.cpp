@@ -2,6 +2,7 @@
 // that call them through the dispatcher.
 
 #include "ops/fake_sparsity.h"
+#include "ops/registration.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -33,7 +34,7 @@ at::Tensor fake_structured_sparsity(const at::Tensor& x, const at::Tensor& mask)
   return op.call(x, mask);
 }
 
-TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+SPARSITY_LIBRARY_FRAGMENT(m) {
   m.def(TORCH_SELECTIVE_SCHEMA(
       "sparsity::fake_sparsity(Tensor x, Tensor mask) -> Tensor"));
   m.def(TORCH_SELECTIVE_SCHEMA(

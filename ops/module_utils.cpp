@@ -1,6 +1,7 @@
 // The module utilities (see module_utils.h) and their TorchScript operators.
 
 #include "ops/module_utils.h"
+#include "ops/registration.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -552,7 +553,7 @@ torch::CppFunction boxed() {
 
 } // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparsity, m) {
+SPARSITY_LIBRARY_FRAGMENT(m) {
   // CONSERVATIVE: these ops read (and set_submodule writes) module state that
   // the JIT's alias analysis cannot see through `Any`, and fqn_to_module hands
   // back the model's own tensors and modules. So the JIT must neither drop,

@@ -5,6 +5,7 @@
 // backward).
 
 #include "ops/fake_sparsity.h"
+#include "ops/registration.h"
 
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -189,7 +190,7 @@ at::Tensor& fake_sparsity__autograd(at::Tensor& x, const at::Tensor& mask) {
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(sparsity, Autograd, m) {
+SPARSITY_LIBRARY_IMPL(Autograd, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
       TORCH_FN(mask_autograd<ElementMask>));

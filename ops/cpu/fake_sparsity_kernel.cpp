@@ -8,6 +8,7 @@
 
 #include "ops/fake_sparsity_common.h"
 #include "ops/cpu/fake_sparsity_half.h"
+#include "ops/registration.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -384,7 +385,7 @@ at::Tensor& fake_sparsity__cpu(at::Tensor& x, const at::Tensor& mask) {
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(sparsity, CPU, m) {
+SPARSITY_LIBRARY_IMPL(CPU, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
       TORCH_FN(fake_sparsity_cpu));

@@ -3,6 +3,7 @@
 // emulation test); here are the CUDA runtime calls and the registration.
 
 #include "ops/cuda/fake_sparsity_kernel.cuh"
+#include "ops/registration.h"
 
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -80,7 +81,7 @@ at::Tensor fake_structured_sparsity_cuda(const at::Tensor& x, const at::Tensor& 
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(sparsity, CUDA, m) {
+SPARSITY_LIBRARY_IMPL(CUDA, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
       TORCH_FN(fake_sparsity_cuda));

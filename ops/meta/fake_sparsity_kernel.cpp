@@ -2,6 +2,7 @@
 // torch.compile. They must allocate exactly as the real kernels do.
 
 #include "ops/fake_sparsity_common.h"
+#include "ops/registration.h"
 
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -29,7 +30,7 @@ at::Tensor fake_structured_sparsity_meta(const at::Tensor& x, const at::Tensor& 
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(sparsity, Meta, m) {
+SPARSITY_LIBRARY_IMPL(Meta, m) {
   m.impl(
       TORCH_SELECTIVE_NAME("sparsity::fake_sparsity"),
       TORCH_FN(fake_sparsity_meta));
