@@ -1,0 +1,262 @@
+#include "tools/pruned_model.h"
+
+#include "aoti/pruned_package.h"
+#include "classes/fake_sparsity_class.h"
+#include "classes/naming.h"
+#include "ops/fake_sparsity.h"
+#include "ops/module_utils.h"
+
+#include <torch/script.h>
+
+#include <iostream>
+#include <sstream>
+#include <utility>
+
+namespace sparsity_run {
+
+using sparsity::naming::kOriginalSuffix;
+using sparsity::naming::kSparsitySuffix;
+
+bool is_row_mask(const at::Tensor& mask, c10::IntArrayRef tensor_shape) {
+  return mask.sizes() != tensor_shape;
+}
+
+std::string shape_string(c10::IntArrayRef sizes) {
+  std::ostringstream text;
+  text << sizes;
+  return text.str();
+}
+
+std::string package_cannot(const std::string& option) {
+  return option + " works on TorchScript models only: an AOTInductor package's tensors are compiled in (squash "
+      "the model in Python with torch_sparsity.convert.squash and compile it again)";
+}
+
+namespace {
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() > suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The FakeSparsity or FakeStructuredSparsity object `value` holds; null for
+// anything else.
+c10::intrusive_ptr<sparsity::MaskHolder> mask_holder(const c10::IValue& value) {
+  if (!value.isCustomClass()) {
+    return nullptr;
+  }
+  if (value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeSparsity>>()) {
+    return value.toCustomClass<sparsity::FakeSparsity>();
+  }
+  if (value.type() == c10::getCustomClassType<c10::intrusive_ptr<sparsity::FakeStructuredSparsity>>()) {
+    return value.toCustomClass<sparsity::FakeStructuredSparsity>();
+  }
+  return nullptr;
+}
+
+// A structured pruner's bias (the converted BiasHook, with prune_bias): the
+// hook zeroes the rows the weight's mask prunes on each forward; squashed,
+// the mask is gone, so the bias holds those zeros itself (as Python's squash
+// makes it).
+void zero_pruned_bias_rows(const torch::jit::Module& owner, const at::Tensor& row_mask) {
+  if (!owner.hasattr("_bias") || !owner.hasattr("prune_bias")) {
+    return;
+  }
+  const c10::IValue bias = owner.attr("_bias");
+  const c10::IValue prune_bias = owner.attr("prune_bias");
+  if (bias.isTensor() && prune_bias.isBool() && prune_bias.toBool()) {
+    bias.toTensor().masked_fill_(row_mask.eq(0), 0);
+  }
+}
+
+std::string inference_error(const at::Tensor& input, const std::string& what) {
+  return "inference failed on an input of shape " + shape_string(input.sizes()) + ": " + what;
+}
+
+// A TorchScript model: each pruned tensor is a FakeSparsity object held next
+// to its tensor, found with the module utilities' C++ API.
+class ScriptedModel : public PrunedModel {
+ public:
+  explicit ScriptedModel(const std::string& path) {
+    try {
+      model_ = torch::jit::load(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot load the model '" + path + "': " + error.what_without_backtrace());
+    }
+    model_.eval();
+    find_pruned_tensors();
+  }
+
+  std::vector<int64_t> shape(size_t i) const override { return pruned_[i].tensor.sizes().vec(); }
+  at::Tensor mask(size_t i) const override { return pruned_[i].sparsity->mask(); }
+  void set_mask(size_t i, const at::Tensor& mask) override {
+    pruned_[i].sparsity->update_mask(mask); // in place: the held mask stays the same tensor
+  }
+  at::Tensor values(size_t i) const override { return pruned_[i].tensor; }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    c10::IValue output;
+    try {
+      output = model_.forward({input});
+    } catch (const c10::Error& error) {
+      throw RunError(inference_error(input, error.what_without_backtrace()));
+    } catch (const std::exception& error) { // errors raised by TorchScript code
+      throw RunError(inference_error(input, error.what()));
+    }
+    if (!output.isTensor()) {
+      throw RunError("the model's forward returned a " + std::string(output.tagKind()) + ", not a tensor");
+    }
+    return output.toTensor();
+  }
+
+  // fake_sparsity_ on each tensor, then the FakeSparsity object is dropped:
+  // the converter declares these attributes Optional, so they can become
+  // None, and the model's code then reads the tensor directly. Checked for
+  // every tensor before any is changed.
+  void squash() override {
+    for (const auto& tensor : pruned_) {
+      const std::string attribute = tensor.name + kSparsitySuffix;
+      if (!c10::NoneType::get()->isSubtypeOf(*tensor.owner.type()->getAttribute(attribute))) {
+        throw RunError(
+            "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
+            " is not declared Optional, so it cannot become None (models written by python -m torch_sparsity.convert "
+            "declare it so)");
+      }
+    }
+    for (auto& tensor : pruned_) {
+      {
+        c10::NoGradGuard no_grad;
+        at::Tensor target = tensor.tensor;
+        const at::Tensor mask = tensor.sparsity->mask();
+        if (is_row_mask(mask, target.sizes())) {
+          std::vector<int64_t> rows(target.dim(), 1);
+          rows[0] = -1;
+          target.mul_(mask.reshape(rows)); // what fake_structured_sparsity computes
+          if (tensor.name == "weight") {
+            zero_pruned_bias_rows(tensor.owner, mask);
+          }
+        } else {
+          sparsity::ops::fake_sparsity_(target, mask);
+        }
+      }
+      tensor.owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
+    }
+    std::cout << "squashed " << pruned_.size() << " masks into their tensors; the model holds no masks now\n";
+    pruned_.clear();
+    fqns_.clear();
+  }
+
+  void save(const std::string& path) override {
+    try {
+      model_.save(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot save the model to '" + path + "': " + error.what_without_backtrace());
+    }
+  }
+
+ private:
+  // One pruned tensor: `owner.<name>_sparsity` is its FakeSparsity (or
+  // FakeStructuredSparsity) object, and the tensor the mask applies to is
+  // `owner.<name>_original` (the converter's layout) or else `owner.<name>`
+  // (a hand-written module that calls
+  // `self.<name>_sparsity.forward(self.<name>)`).
+  struct PrunedTensor {
+    std::string fqn;
+    torch::jit::Module owner;
+    std::string name;
+    at::Tensor tensor;
+    c10::intrusive_ptr<sparsity::MaskHolder> sparsity;
+  };
+
+  void find_pruned_tensors() {
+    for (const auto& module : model_.named_modules()) {
+      for (const auto& attribute : module.value.named_attributes(/*recurse=*/false)) {
+        auto holder = mask_holder(attribute.value);
+        if (!holder || !ends_with(attribute.name, kSparsitySuffix)) {
+          continue;
+        }
+        const std::string name = attribute.name.substr(0, attribute.name.size() - std::string(kSparsitySuffix).size());
+        c10::IValue tensor = sparsity::utils::fqn_to_module(module.value, name + kOriginalSuffix);
+        if (!tensor.isTensor()) {
+          tensor = sparsity::utils::fqn_to_module(module.value, name);
+        }
+        if (!tensor.isTensor()) {
+          std::cerr << "warning: " << (module.name.empty() ? "" : module.name + ".") << attribute.name
+                    << " has no tensor " << name << kOriginalSuffix << " or " << name << " to apply to; skipped\n";
+          continue;
+        }
+        const std::string fqn = module.name.empty() ? name : module.name + "." + name;
+        fqns_.push_back(fqn);
+        pruned_.push_back({fqn, module.value, name, tensor.toTensor(), std::move(holder)});
+      }
+    }
+  }
+
+  torch::jit::Module model_;
+  std::vector<PrunedTensor> pruned_;
+};
+
+// An AOTInductor package: the masks are constants of the compiled model,
+// replaced through sparsity::aoti::PrunedPackage (for this run only).
+class PackageModel : public PrunedModel {
+ public:
+  explicit PackageModel(const std::string& path) {
+    try {
+      package_ = std::make_unique<sparsity::aoti::PrunedPackage>(path);
+    } catch (const c10::Error& error) {
+      throw RunError("cannot load the package '" + path + "': " + error.what_without_backtrace());
+    }
+    fqns_ = package_->mask_names();
+  }
+
+  std::vector<int64_t> shape(size_t i) const override { return mask(i).sizes().vec(); }
+  at::Tensor mask(size_t i) const override { return package_->mask(fqns_[i]); }
+  void set_mask(size_t i, const at::Tensor& mask) override {
+    // The package checks the dtype strictly; a file's mask converts to it as
+    // FakeSparsity.update_mask converts (nonzero is True for a bool mask).
+    const at::Tensor held = package_->mask(fqns_[i]);
+    package_->set_mask(fqns_[i], mask.sizes() == held.sizes() ? mask.to(held.scalar_type()) : mask);
+  }
+  at::Tensor values(size_t i) const override {
+    auto original = package_->original(fqns_[i]);
+    if (!original) {
+      throw RunError("--prune: the package has no constant " + fqns_[i] + kOriginalSuffix + " to prune by");
+    }
+    return *original;
+  }
+
+  at::Tensor forward(const at::Tensor& input) override {
+    std::vector<at::Tensor> outputs;
+    try {
+      outputs = package_->run({input});
+    } catch (const c10::Error& error) {
+      throw RunError(inference_error(input, error.what_without_backtrace()));
+    } catch (const std::exception& error) {
+      throw RunError(inference_error(input, error.what()));
+    }
+    if (outputs.size() != 1) {
+      throw RunError("the package's model returned " + std::to_string(outputs.size()) + " tensors, not one");
+    }
+    return outputs[0];
+  }
+
+  void squash() override { throw RunError(package_cannot("--squash")); }
+  void save(const std::string&) override { throw RunError(package_cannot("--save")); }
+
+ private:
+  std::unique_ptr<sparsity::aoti::PrunedPackage> package_;
+};
+
+} // namespace
+
+bool is_package(const std::string& path) {
+  return ends_with(path, ".pt2");
+}
+
+std::unique_ptr<PrunedModel> load_pruned_model(const std::string& path) {
+  if (is_package(path)) {
+    return std::make_unique<PackageModel>(path);
+  }
+  return std::make_unique<ScriptedModel>(path);
+}
+
+} // namespace sparsity_run
