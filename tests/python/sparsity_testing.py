@@ -78,6 +78,14 @@ def relative_diff(actual, expected):
     return max_abs_diff(actual, expected) / max(expected.abs().max().item(), 1e-30)
 
 
+def assert_outputs_equal(actual, expected, atol=1e-5):
+    """Under atol, and under atol relative to the output's size, so that a
+    model whose outputs are all tiny still has to match."""
+    diff = max_abs_diff(actual, expected)
+    scale = max(expected.abs().max().item(), 1e-30)
+    assert diff < atol and diff / scale < atol, f"max |diff| {diff} for outputs of size {scale}"
+
+
 def assert_same_results(actual, expected, rename=lambda name: name):
     """(output, {param: grad}) pairs from forward_backward, bit for bit;
     `rename` maps expected's parameter names to actual's."""

@@ -1,5 +1,7 @@
 """torch_sparsity.convert: models pruned with torch.ao.pruning, converted and
-scripted, against the eager parametrized model in the same process."""
+scripted, against the eager parametrized model in the same process. Its
+refusals are in test_convert_refusals.py, its masks in test_masks.py, its
+command line in test_cli.py."""
 
 import copy
 import re
@@ -12,27 +14,11 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.nn.utils import parametrize
 
-from sparsity_testing import assert_bitwise_equal, make_x, max_abs_diff
-from end_to_end_models import (
-    INPUT_SHAPES,
-    eager_pruned_tensors,
-    forward_backward,
-    hand_made_masks,
-    pruned_model,
-    sparsity_run,
-)
+from sparsity_testing import assert_outputs_equal, max_abs_diff
+from end_to_end_models import eager_pruned_tensors, forward_backward, hand_made_masks, pruned_model, sparsity_run
 from torch_sparsity import utils as sparsity_utils
-from torch_sparsity.cli import main
-from torch_sparsity.convert import (
-    ConversionError,
-    compact_mask,
-    convert,
-    converted_name,
-    fake_sparsities,
-    mask_bytes,
-    squash,
-)
-from torch_sparsity.sparsifiers import NDWeightNormSparsifier, prepare_with_masks, prune_with_weight_norm
+from torch_sparsity.convert import convert, converted_name, fake_sparsities, mask_bytes, squash
+from torch_sparsity.sparsifiers import prepare_with_masks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -45,14 +31,6 @@ METHODS = ["weight_norm", "hand_made"]
 # appears in MAIN_MODELS or in these (test_every_torchvision_layer_type_is_covered).
 MORE_MODELS = ["convnext_tiny", "maxvit_t", "swin_t", "swin_v2_t"]
 ATOL = 1e-5
-
-
-def assert_outputs_equal(actual, expected):
-    """Under ATOL, and under ATOL relative to the output's size, so that a
-    model whose outputs are all tiny still has to match."""
-    diff = max_abs_diff(actual, expected)
-    scale = max(expected.abs().max().item(), 1e-30)
-    assert diff < ATOL and diff / scale < ATOL, f"max |diff| {diff} for outputs of size {scale}"
 
 
 def fresh_scripted(pruned):
@@ -377,308 +355,10 @@ def test_inplace_conversion_shares_the_sparsifiers_masks():
     assert torch.equal(after, torch.zeros_like(before) + converted[2].bias)
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8])
-def test_compact_mask_rules(x_dtype, mask_dtype):
-    x = make_x((64,), x_dtype)  # NaN, +-Inf, +-0 among ordinary values
-    ones_and_zeros = (torch.arange(64) % 3 == 0).to(mask_dtype)
-    compact = compact_mask(ones_and_zeros, x)
-    if torch.promote_types(x_dtype, mask_dtype) == x_dtype:
-        assert compact.dtype == torch.bool
-        assert torch.equal(compact, ones_and_zeros != 0)
-    else:  # a bool mask would change the result's dtype (float32 mask, float16 x)
-        assert compact is ones_and_zeros
-    # Either way, the result is what the mask itself gives, bit for bit.
-    assert_bitwise_equal(torch.ops.sparsity.fake_sparsity(x, compact), torch.ops.sparsity.fake_sparsity(x, ones_and_zeros))
-
-
-@pytest.mark.parametrize("value", [0.5, 2.0, -1.0, float("nan"), float("inf"), -0.0])
-def test_compact_mask_keeps_masks_a_bool_would_change(value):
-    mask = torch.tensor([1.0, 0.0, value, 1.0])
-    assert compact_mask(mask, torch.randn(4)) is mask
-
-
-def test_compact_mask_leaves_bool_meta_and_trained_masks():
-    mask = torch.tensor([True, False])
-    assert compact_mask(mask, torch.randn(2)) is mask
-    meta = torch.ones(2, device="meta")
-    assert compact_mask(meta, torch.randn(2)) is meta
-    trained = torch.tensor([1.0, 0.0], requires_grad=True)
-    assert compact_mask(trained, torch.randn(2)) is trained
-
-
-def test_inplace_conversion_can_compact_on_request():
-    model = nn.Sequential(nn.Linear(4, 4))
-    prepare_with_masks(model, {"0.weight": (torch.rand(4, 4) > 0.5).float()})
-    eager_mask = model[0].parametrizations.weight[0].mask
-    x = torch.randn(2, 4)
-    with torch.no_grad():
-        expected = model(x)
-    convert(model, inplace=True, compact_masks=True)
-    assert model[0].weight_sparsity.mask.dtype == torch.bool
-    assert torch.equal(model[0].weight_sparsity.mask, eager_mask != 0)
-    with torch.no_grad():
-        assert torch.equal(torch.jit.script(model)(x), expected)
-
-
-def test_mask_bytes_counts_each_storage_once():
-    shared = torch.ones(10, 10)
-    assert mask_bytes({"a": shared, "b": shared, "c": torch.ones(3, dtype=torch.bool)}) == 400 + 3
-    sparsity = torch.classes.sparsity.FakeSparsity(torch.ones(5, dtype=torch.bool))
-    assert mask_bytes({"w": sparsity}) == 5
-
-
-# -------------------------------------------------------------- refusals
-
-
-class Double(nn.Module):
-    def forward(self, x):
-        return 2 * x
-
-
-class ReadsWeightByName(nn.Module):
-    """Fine in eager mode, but TorchScript needs literal attribute names."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(3, 3))
-
-    def forward(self, x):
-        return x @ getattr(self, "wei" + "ght")
-
-
-def _refusal_cases():
-    def other_parametrization():
-        model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3)))
-        parametrize.register_parametrization(model[1][0], "weight", Double())
-        return model, "module '1.0' (Linear): tensor 'weight' has the parametrizations ['Double']"
-
-    def two_masks():
-        model = nn.Sequential(nn.Linear(3, 3))
-        prepare_with_masks(model, {"0.weight": torch.ones(3, 3)})
-        prepare_with_masks(model, {"0.weight": torch.ones(3, 3)})
-        return model, "module '0' (Linear): tensor 'weight' has the parametrizations ['FakeSparsity', 'FakeSparsity']"
-
-    def structured_and_another():
-        # (A structured pruner's parametrization alone converts:
-        # test_structured_pruners.py.)
-        from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity
-
-        model = nn.Sequential(nn.Conv2d(2, 4, 1))
-        parametrize.register_parametrization(model[0], "weight", FakeStructuredSparsity(torch.ones(4, dtype=torch.bool)))
-        parametrize.register_parametrization(model[0], "weight", Double())
-        return model, "module '0' (Conv2d): tensor 'weight' has the parametrizations ['FakeStructuredSparsity', 'Double']"
-
-    def integer_tensor():
-        model = nn.Sequential(nn.BatchNorm1d(3))
-        prepare_with_masks(model, {"0.num_batches_tracked": torch.ones((), dtype=torch.long)})
-        return model, "module '0' (BatchNorm1d): tensor 'num_batches_tracked' has dtype torch.int64"
-
-    def name_taken():
-        model = nn.Sequential(nn.Linear(3, 3))
-        model[0].weight_original = 1
-        prepare_with_masks(model, {"0.weight": torch.ones(3, 3)})
-        return model, "module '0' (Linear): cannot hold tensor 'weight' as 'weight_original'"
-
-    def bad_mask_dtype():
-        model = nn.Sequential(nn.Linear(3, 3))
-        prepare_with_masks(model, {"0.weight": torch.ones(3, 3, dtype=torch.int32)})
-        return model, "module '0' (Linear): the mask of tensor 'weight' is refused: FakeSparsity: mask must be bool, uint8 or floating"
-
-    def recurrent():
-        model = nn.Sequential(nn.LSTM(3, 3))
-        prepare_with_masks(model, {"0.weight_hh_l0": torch.ones(12, 3)})
-        return model, "module '0' (LSTM): recurrent layers read their weights through the list _flat_weights"
-
-    def unscriptable():
-        model = nn.Sequential(nn.Linear(3, 3), ReadsWeightByName())
-        prepare_with_masks(model, {"1.weight": torch.ones(3, 3)})
-        return model, "module '1' (ReadsWeightByName) was converted, but TorchScript cannot compile it"
-
-    def root_other_parametrization():
-        model = nn.Linear(3, 3)
-        parametrize.register_parametrization(model, "bias", Double())
-        return model, "the model itself (Linear): tensor 'bias' has the parametrizations ['Double']"
-
-    return {f.__name__: f for f in [other_parametrization, two_masks, structured_and_another, integer_tensor, name_taken,
-                                    bad_mask_dtype, recurrent, unscriptable, root_other_parametrization]}
-
-
-@pytest.mark.parametrize("case", list(_refusal_cases()))
-def test_refusals_name_the_module_and_why(case):
-    model, message = _refusal_cases()[case]()
-    state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ConversionError, match=re.escape(message)):
-        convert(model, inplace=True)
-    # Refused before anything changed (except for a module TorchScript
-    # refuses, which is only found once converted).
-    if case != "unscriptable":
-        assert any(parametrize.is_parametrized(m) for m in model.modules())
-        assert model.state_dict().keys() == state.keys()
-
-
-def test_already_scripted_model_is_refused():
-    with pytest.raises(ConversionError, match="already a ScriptModule"):
-        convert(torch.jit.script(nn.Linear(2, 2)))
+# ------------------------------------------------------------------ names
 
 
 def test_converted_name():
     assert converted_name("layer1.0.conv1.parametrizations.weight.original") == "layer1.0.conv1.weight_original"
     assert converted_name("parametrizations.class_token.original") == "class_token_original"
     assert converted_name("layer1.0.bn1.running_mean") == "layer1.0.bn1.running_mean"
-
-
-# ------------------------------------------------------------- sparsifiers
-
-
-def test_nd_weight_norm_sparsifier_matches_weight_norm_on_2d_and_prunes_conv():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 16))
-    reference = copy.deepcopy(model)
-    prune_with_weight_norm(model, 0.5)
-    sparsifier = WeightNormSparsifier(sparsity_level=0.5)
-    sparsifier.prepare(reference, [{"tensor_fqn": "2.weight"}])
-    sparsifier.step()
-    assert torch.equal(model[2].parametrizations.weight[0].mask, reference[2].parametrizations.weight[0].mask)
-    conv_mask = model[0].parametrizations.weight[0].mask
-    assert conv_mask.shape == (8, 3, 3, 3)
-    assert (conv_mask == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
-    # Whole blocks of 4 along the flattened (in, kh, kw) dims.
-    flat = conv_mask.reshape(8, 27)[:, :24].reshape(8, 6, 4)
-    assert torch.all((flat == flat[..., :1]))
-    assert isinstance(NDWeightNormSparsifier(), WeightNormSparsifier)
-
-
-# ------------------------------------------------------------ command line
-
-
-@pytest.fixture(scope="module")
-def small_factory(tmp_path_factory):
-    """A module:callable for the command line, that builds a small CNN."""
-    import sys
-
-    folder = tmp_path_factory.mktemp("factory")
-    (folder / "cli_models.py").write_text(
-        "import torch\n"
-        "def small_cnn():\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),\n"
-        "                               torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))\n"
-    )
-    sys.path.insert(0, str(folder))
-    yield "cli_models:small_cnn"
-    sys.path.remove(str(folder))
-
-
-def test_command_line_prunes_converts_and_saves(small_factory, tmp_path, capsys):
-    out = tmp_path / "model.pt"
-    status = main(["--model", small_factory, "--sparsity", "0.5", "-o", str(out), "--input-shape", "2,3,6,6",
-                   "--save-input", str(tmp_path / "in.pt"), "--save-output", str(tmp_path / "out.pt"),
-                   "--benchmark", "2"])
-    printed = capsys.readouterr().out
-    assert status == 0
-    assert "converted 2 pruned tensors" in printed
-    assert "max |scripted - eager| on a random (2, 3, 6, 6) input: 0" in printed
-    assert "eager parametrized" in printed and "scripted and squashed" in printed
-    loaded = torch.jit.load(str(out))
-    assert set(fake_sparsities(loaded)) == {"0.weight", "4.weight"}
-    assert all(sparsity.mask.dtype == torch.bool for sparsity in fake_sparsities(loaded).values())
-    mask_kib = sum(sparsity.mask.numel() for sparsity in fake_sparsities(loaded).values()) / 1024
-    assert f"masks: {mask_kib / 1024:.1f} MiB, bool (as the sparsifier made them: {4 * mask_kib / 1024:.1f} MiB, float32)" in printed
-    with torch.no_grad():
-        assert_outputs_equal(loaded(torch.load(tmp_path / "in.pt")), torch.load(tmp_path / "out.pt"))
-
-
-def test_command_line_writes_an_aoti_package_too(small_factory, tmp_path, capsys):
-    from torch_sparsity import aoti
-
-    package = tmp_path / "model.pt2"
-    status = main(["--model", small_factory, "--sparsity", "0.5", "-o", str(tmp_path / "model.pt"),
-                   "--input-shape", "2,3,6,6", "--save-input", str(tmp_path / "in.pt"),
-                   "--save-output", str(tmp_path / "out.pt"), "--aoti-package", str(package)])
-    assert status == 0
-    assert f"AOTInductor package of the same model (2 masks live) saved to {package}" in capsys.readouterr().out
-    runner = aoti.load(package)
-    assert runner.mask_names() == ["0.weight", "4.weight"]
-    assert runner.mask("4.weight").dtype == torch.bool
-    expected = torch.load(tmp_path / "out.pt")
-    output = runner(torch.load(tmp_path / "in.pt"))
-    assert max_abs_diff(output, expected) <= 1e-5 * expected.abs().max().item()
-
-
-def test_command_line_keeps_mask_dtype_on_request(small_factory, tmp_path, capsys):
-    out = tmp_path / "model.pt"
-    assert main(["--model", small_factory, "--sparsity", "0.5", "-o", str(out), "--keep-mask-dtype"]) == 0
-    assert "masks: 0.0 MiB, float32 (as the sparsifier made them: 0.0 MiB, float32)" in capsys.readouterr().out
-    assert all(s.mask.dtype == torch.float32 for s in fake_sparsities(torch.jit.load(str(out))).values())
-
-
-@pytest.mark.parametrize("form", ["dict", "sparsifier_state"])
-def test_command_line_masks_and_weights_files(small_factory, tmp_path, form):
-    torch.manual_seed(3)
-    model = __import__("cli_models").small_cnn().eval()
-    masks = {"0.weight": torch.rand(8, 3, 3, 3) > 0.5, "1.weight": torch.rand(8) > 0.5}
-    if form == "dict":
-        torch.save(model.state_dict(), tmp_path / "weights.pt")  # the dense model's
-        torch.save(masks, tmp_path / "masks.pt")
-        reference = prepare_with_masks(model, masks)
-    else:
-        sparsifier = WeightNormSparsifier()
-        sparsifier.prepare(model, [{"tensor_fqn": fqn, "mask": mask} for fqn, mask in masks.items()])
-        torch.save(model.state_dict(), tmp_path / "weights.pt")  # the parametrized model's
-        torch.save(sparsifier.state_dict(), tmp_path / "masks.pt")
-        reference = model
-    out = tmp_path / "model.pt"
-    args = ["--model", small_factory, "--weights", str(tmp_path / "weights.pt"), "--masks", str(tmp_path / "masks.pt"),
-            "-o", str(out)]
-    if form == "sparsifier_state":
-        # A sparsifier's state_dict() holds a defaultdict, which torch.load
-        # only reads with weights_only=False.
-        with pytest.raises(SystemExit, match="if you trust it, add --trust-files"):
-            main(args)
-        args.append("--trust-files")
-    assert main(args) == 0
-    loaded = torch.jit.load(str(out))
-    for fqn, mask in masks.items():
-        assert torch.equal(fake_sparsities(loaded)[fqn].mask, mask)
-    x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        assert_outputs_equal(loaded(x), reference(x))
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--sparsity", "1.5"], "--sparsity must be in"),
-        (["--benchmark", "3"], "need --input-shape"),
-        (["--aoti-package", "m.pt2"], "--benchmark and --aoti-package need --input-shape"),
-        (["--sparsity", "0.5", "--masks", "m.pt"], "not allowed with argument"),
-    ],
-)
-def test_command_line_bad_arguments(small_factory, tmp_path, capsys, args, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--model", small_factory, "-o", str(tmp_path / "m.pt")] + args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-def test_command_line_bad_model_and_refusal(small_factory, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="cannot find no_such_module:f"):
-        main(["--model", "no_such_module:f", "-o", str(tmp_path / "m.pt")])
-    with pytest.raises(SystemExit, match="--input-shape: expected comma-separated sizes"):
-        main(["--model", small_factory, "-o", str(tmp_path / "m.pt"), "--input-shape", "2,x"])
-    torch.save({"1.num_batches_tracked": torch.ones((), dtype=torch.long)}, tmp_path / "masks.pt")
-    assert main(["--model", small_factory, "--masks", str(tmp_path / "masks.pt"), "-o", str(tmp_path / "m.pt")]) == 1
-    assert "cannot convert: module '1' (BatchNorm2d)" in capsys.readouterr().err
-    assert not (tmp_path / "m.pt").exists()
-
-
-def test_command_line(tmp_path):
-    """python -m torch_sparsity.convert runs as a program, from any folder."""
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "torch_sparsity.convert", "--help"], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert result.returncode == 0 and "--sparsity" in result.stdout
-    assert "python -m torch_sparsity.convert" in result.stdout

@@ -19,7 +19,6 @@ from end_to_end_models import (
     eager_pruned_tensors,
     forward_backward,
     mha_slow_path,
-    prune_structured,
     pruned_model,
     small_pruned_model,
 )

@@ -10,7 +10,6 @@ of them on purpose, with a short timeout, to check that the driver survives
 it and counts it as torch's."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

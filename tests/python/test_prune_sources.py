@@ -3,7 +3,6 @@ the eager pruned model in the same process: outputs and gradients bit for
 bit (eager, scripted, exported), the layout, live masks, in-place
 conversion, and the refusals."""
 
-import copy
 import re
 
 import pytest

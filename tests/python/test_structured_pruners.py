@@ -11,7 +11,6 @@ import subprocess
 import pytest
 import torch
 from torch import nn
-from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
 from torch.ao.pruning._experimental.pruner.parametrization import BiasHook, FakeStructuredSparsity
 from torch.nn.utils import parametrize
 
