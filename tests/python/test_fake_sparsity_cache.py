@@ -19,6 +19,7 @@ from sparsity_testing import (
     assert_bitwise_equal,
     make_mask,
     make_x,
+    needs_cuda,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -492,8 +493,8 @@ def test_meta_inputs_are_not_cached():
     assert fs.cache_hits() == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_moves_invalidate():
+@needs_cuda
+def test_moves_to_cuda_and_back_invalidate():
     fs = FakeSparsity(make_mask((4, 4), torch.bool))
     w = _weight((4, 4))
     _forward_counting(fs, w)

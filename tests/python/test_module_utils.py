@@ -12,6 +12,7 @@ from torch import nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.ao.pruning.sparsifier import utils as ao_utils
 
+from sparsity_testing import needs_cuda
 from torch_sparsity import utils
 
 from module_utils_models import (
@@ -305,25 +306,23 @@ def test_swap_module_traced_parametrized_linear():
     assert torch.equal(prototype.weight, prototype_weight)
 
 
-def test_swap_module_puts_replacement_on_the_dense_device():
-    # With no GPU here, 'meta' stands in for another device.
+# Where no GPU is, 'meta' stands in for another device.
+@pytest.mark.parametrize("elsewhere", ["meta", pytest.param("cuda", marks=needs_cuda)])
+def test_swap_module_puts_replacement_on_the_dense_device(elsewhere):
     class ScaledPrototype(SparseLinear):
         def __init__(self):
             super().__init__()
             self.register_buffer("scale", torch.ones(1))  # not set by from_dense
 
     prototype = torch.jit.script(ScaledPrototype())
-    dense = torch.jit.script(MaskedLinear(nn.Linear(4, 3, device="meta"), torch.ones(3, 4, device="meta")))
+    if elsewhere == "meta":
+        dense = torch.jit.script(MaskedLinear(nn.Linear(4, 3, device="meta"), torch.ones(3, 4, device="meta")))
+    else:
+        dense = torch.jit.script(MaskedLinear(nn.Linear(4, 3), torch.ones(3, 4))).cuda()
     sparse = utils.swap_module(dense, {"MaskedLinear": prototype})
-    assert {t.device for t in all_tensors(sparse)} == {torch.device("meta")}
+    expected = torch.device("meta") if elsewhere == "meta" else torch.device("cuda", 0)
+    assert {t.device for t in all_tensors(sparse)} == {expected}
     assert {t.device for t in all_tensors(prototype)} == {torch.device("cpu")}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_swap_module_cuda():
-    dense = torch.jit.script(MaskedLinear(nn.Linear(4, 3), torch.ones(3, 4))).cuda()
-    sparse = utils.swap_module(dense, {"MaskedLinear": torch.jit.script(SparseLinear())})
-    assert {t.device for t in all_tensors(sparse)} == {torch.device("cuda", 0)}
 
 
 def two_device_linear():
