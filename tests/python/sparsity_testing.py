@@ -101,6 +101,38 @@ def assert_same_results(actual, expected, rename=lambda name: name):
             assert_bitwise_equal(grads[name], grad, name)
 
 
+_HOOK_TABLES = ["_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_forward_pre_hooks_with_kwargs"]
+
+
+def module_snapshot(model):
+    """What a refused conversion must leave as it was: every module's type,
+    hooks, attributes, parameters and buffers (by identity), and a copy of
+    the state dict (for assert_module_unchanged)."""
+    structure = {
+        fqn: (
+            type(m),
+            {table: [(k, id(v)) for k, v in getattr(m, table).items()] for table in _HOOK_TABLES},
+            {k: id(v) for k, v in vars(m).items() if not k.startswith("_")},
+            {k: id(v) for k, v in m._parameters.items()},
+            {k: id(v) for k, v in m._buffers.items()},
+            set(m._non_persistent_buffers_set),
+        )
+        for fqn, m in model.named_modules()
+    }
+    return structure, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_module_unchanged(model, snapshot):
+    structure, state = module_snapshot(model)
+    assert structure == snapshot[0]
+    assert state.keys() == snapshot[1].keys()
+    for key, value in snapshot[1].items():
+        if value.device.type == "meta":
+            assert state[key].shape == value.shape and state[key].device == value.device, key
+        else:
+            assert_bitwise_equal(state[key], value, key)
+
+
 def make_x(shape, dtype, special=True, device="cpu"):
     """Random values with NaN, +-Inf, signed zeros, a subnormal (for float32)
     and a value past float16's range sprinkled in. Drawn on the CPU, so a

@@ -1,9 +1,7 @@
 """convert() on models pruned with torch.nn.utils.prune, both targets, against
 the eager pruned model in the same process: outputs and gradients bit for
-bit (eager, scripted, exported), the layout, live masks, in-place
-conversion, and the refusals."""
-
-import re
+bit (eager, scripted, exported), the layout, live masks and in-place
+conversion. The refusals are in test_prune_sources_refusals.py."""
 
 import pytest
 import torch
@@ -12,8 +10,8 @@ from torch.nn.utils import parametrize, prune
 
 import torch_sparsity
 from end_to_end_models import NN_UTILS_PRUNE_METHODS, forward_backward, mha_slow_path, pruned_model
-from sparsity_testing import assert_bitwise_equal, assert_same_results, make_x
-from torch_sparsity.convert import ConversionError, convert, fake_sparsities
+from sparsity_testing import assert_bitwise_equal, assert_module_unchanged, assert_same_results, make_x, module_snapshot
+from torch_sparsity.convert import convert, fake_sparsities
 from torch_sparsity.sparsifiers import prepare_with_masks
 
 pytestmark = [
@@ -256,11 +254,11 @@ def test_the_callers_model_is_left_alone():
     model, x = small_pruned("several_per_module")
     with torch.no_grad():
         expected = model(x)
-    before = _snapshot(model)
+    before = module_snapshot(model)
     for target in TARGETS:
         converted = convert(model, target=target)
         assert converted.fc1.weight_original is not model.fc1.weight_orig
-    _assert_unchanged(model, before)
+    assert_module_unchanged(model, before)
     with torch.no_grad():
         assert torch.equal(model(x), expected)  # still pruned by its hooks
 
@@ -345,168 +343,6 @@ def test_torchvision_models_converted_and_scripted_bit_for_bit(name, method):
     assert found.keys() == masks.keys() and len(found) > 10
     for fqn, mask in masks.items():
         assert found[fqn].dtype == torch.bool and torch.equal(found[fqn], mask != 0), fqn
-
-
-# ---------------------------------------------------------------- refusals
-
-
-_HOOK_TABLES = ["_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_forward_pre_hooks_with_kwargs"]
-
-
-def _snapshot(model):
-    structure = {
-        fqn: (
-            type(m),
-            {table: [(k, id(v)) for k, v in getattr(m, table).items()] for table in _HOOK_TABLES},
-            {k: id(v) for k, v in vars(m).items() if not k.startswith("_")},
-            {k: id(v) for k, v in m._parameters.items()},
-            {k: id(v) for k, v in m._buffers.items()},
-            set(m._non_persistent_buffers_set),
-        )
-        for fqn, m in model.named_modules()
-    }
-    return structure, {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model, snapshot):
-    structure, state = _snapshot(model)
-    assert structure == snapshot[0]
-    assert state.keys() == snapshot[1].keys()
-    for key, value in snapshot[1].items():
-        if value.device.type == "meta":
-            assert state[key].shape == value.shape and state[key].device == value.device, key
-        else:
-            assert_bitwise_equal(state[key], value, key)
-
-
-class Doubling(prune.BasePruningMethod):
-    PRUNING_TYPE = "unstructured"
-
-    def compute_mask(self, t, default_mask):
-        return default_mask
-
-    def apply_mask(self, module):
-        return 2 * super().apply_mask(module)
-
-
-class Noisy(prune.BasePruningMethod):
-    PRUNING_TYPE = "unstructured"
-
-    def compute_mask(self, t, default_mask):
-        return default_mask
-
-    def __call__(self, module, inputs):
-        setattr(module, self._tensor_name, self.apply_mask(module) + 1)
-
-
-def _refusal_cases():
-    def linear_model():
-        return nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Linear(3, 3)))
-
-    def parametrized_orig():
-        from torch.ao.pruning.sparsifier.utils import FakeSparsity
-
-        model = linear_model()
-        prune.l1_unstructured(model[1][0], "weight", amount=0.5)
-        parametrize.register_parametrization(model[1][0], "weight_orig", FakeSparsity(torch.ones(3, 3)))
-        return model, ("module '1.0' (Linear): tensor 'weight' is pruned by torch.nn.utils.prune and 'weight_orig' "
-                       "has a parametrization too")
-
-    def pruned_parametrization():
-        model = linear_model()
-        prepare_with_masks(model, {"1.0.weight": torch.rand(3, 3) > 0.5})
-        prune.l1_unstructured(model[1][0].parametrizations.weight, "original", amount=0.5)
-        return model, ("module '1.0' (Linear): tensor 'weight' has a FakeSparsity parametrization whose own "
-                       "tensors are pruned by torch.nn.utils.prune too")
-
-    def two_hooks():
-        # prune's own functions never leave two hooks on a tensor (they
-        # combine them into a PruningContainer); registered by hand:
-        model = linear_model()
-        prune.l1_unstructured(model[0], "weight", amount=0.5)
-        extra = prune.RandomUnstructured(amount=0.3)
-        extra._tensor_name = "weight"
-        model[0].register_forward_pre_hook(extra)
-        return model, "module '0' (Linear): tensor 'weight' has two torch.nn.utils.prune hooks (L1Unstructured and RandomUnstructured)"
-
-    def overridden_apply_mask():
-        model = linear_model()
-        Doubling.apply(model[1][0], "bias")
-        return model, "module '1.0' (Linear): tensor 'bias' is pruned by Doubling, which overrides apply_mask"
-
-    def overridden_call():
-        model = linear_model()
-        Noisy.apply(model[0], "weight")
-        return model, "module '0' (Linear): tensor 'weight' is pruned by Noisy, which overrides __call__"
-
-    def mask_of_another_shape():
-        model = linear_model()
-        prune.l1_unstructured(model[0], "weight", amount=0.5)
-        model[0].weight_mask = torch.ones(3, 1)  # prune's forward broadcasts it
-        return model, "module '0' (Linear): the mask of tensor 'weight' has shape (3, 1) but the tensor has (3, 4)"
-
-    def mask_on_another_device():
-        model = linear_model()
-        prune.l1_unstructured(model[0], "weight", amount=0.5)
-        model[0].weight_mask = torch.ones(3, 4, device="meta")
-        return model, "module '0' (Linear): the mask of tensor 'weight' is on meta but the tensor on cpu"
-
-    def missing_mask():
-        model = linear_model()
-        prune.l1_unstructured(model[1][0], "weight", amount=0.5)
-        del model[1][0]._buffers["weight_mask"]
-        return model, "module '1.0' (Linear): tensor 'weight' is pruned by torch.nn.utils.prune (L1Unstructured), but the module has no buffer 'weight_mask'"
-
-    def method_as_forward_hook():
-        model = linear_model()
-        model[0].register_forward_hook(prune.L1Unstructured(amount=0.5))
-        return model, "module '0' (Linear): a torch.nn.utils.prune method (L1Unstructured) is registered in _forward_hooks"
-
-    def hook_with_kwargs():
-        model = linear_model()
-        method = prune.l1_unstructured(model[0], "weight", amount=0.5)._forward_pre_hooks.popitem()[1]
-        model[0].register_forward_pre_hook(method, with_kwargs=True)
-        return model, "module '0' (Linear): tensor 'weight': its torch.nn.utils.prune hook (L1Unstructured) is registered with_kwargs"
-
-    def integer_tensor():
-        model = linear_model()
-        model[0].steps = nn.Parameter(torch.arange(4), requires_grad=False)
-        prune.identity(model[0], "steps")
-        return model, "module '0' (Linear): tensor 'steps' has dtype torch.int64"
-
-    def name_taken():
-        model = linear_model()
-        model[0].weight_original = 1
-        prune.l1_unstructured(model[0], "weight", amount=0.5)
-        return model, "module '0' (Linear): cannot hold tensor 'weight' as 'weight_original'"
-
-    def recurrent():
-        model = nn.Sequential(nn.LSTM(3, 3))
-        prune.l1_unstructured(model[0], "weight_hh_l0", amount=0.5)
-        return model, "module '0' (LSTM): recurrent layers read their weights through the list _flat_weights"
-
-    def model_itself():
-        model = nn.Linear(3, 3)
-        Doubling.apply(model, "weight")
-        return model, "the model itself (Linear): tensor 'weight' is pruned by Doubling, which overrides apply_mask"
-
-    return {f.__name__: f for f in [
-        parametrized_orig, pruned_parametrization, two_hooks, overridden_apply_mask, overridden_call,
-        mask_of_another_shape, mask_on_another_device, missing_mask, method_as_forward_hook, hook_with_kwargs,
-        integer_tensor, name_taken, recurrent, model_itself,
-    ]}
-
-
-@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "copy"])
-@pytest.mark.parametrize("case", list(_refusal_cases()))
-def test_refusals_name_module_and_tensor_and_change_nothing(case, inplace):
-    torch.manual_seed(0)
-    model, message = _refusal_cases()[case]()
-    before = _snapshot(model)
-    for target in TARGETS:
-        with pytest.raises(ConversionError, match=re.escape(message)):
-            convert(model, inplace=inplace, target=target)
-        _assert_unchanged(model, before)
 
 
 def test_a_prune_mask_the_plugin_could_not_hold_is_converted_as_prune_reads_it():
