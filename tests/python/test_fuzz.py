@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch_sparsity import utils
+
 FUZZ_DIR = Path(__file__).resolve().parents[1] / "fuzz"
 RUN_FUZZ = FUZZ_DIR / "run_fuzz.py"
 TARGETS = ["pickled_state", "module_utils_fqn", "set_mask"]
@@ -139,8 +141,6 @@ def test_set_submodule_refuses_a_path_with_an_empty_piece(via):
     '.plain' replaced 'plain'. fqn_to_module
     gives None for a path with an empty piece, and nn.Module.set_submodule
     raises; set_submodule must refuse it and leave the parent as it was."""
-    from torch_sparsity import utils
-
     model = torch.jit.script(_PlainSlot())
     before = model._c.getattr("plain")
     new = torch.jit.script(torch.nn.Linear(2, 2))

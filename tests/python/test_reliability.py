@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from module_utils_models import LinearLike
+from module_utils_models import ConvertibleNet, LinearLike
+
+from torch_sparsity import utils
 
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_
 
@@ -131,8 +133,6 @@ def test_set_submodule_refuses_a_cycle_and_changes_nothing():
     """set_submodule(s, "slot", s) through an interface-typed slot made a
     module its own submodule: module_to_fqn then overflowed the stack and
     swap_module never returned."""
-    from torch_sparsity import utils
-
     inner = torch.nn.Linear(2, 2)
     model = torch.jit.script(SelfSlot(SelfSlot(inner)))
     for name, new in [("slot", model), ("slot.slot", model), ("slot.slot", model.slot)]:
@@ -149,10 +149,6 @@ def test_set_submodule_refuses_a_cycle_and_changes_nothing():
 def test_fqn_to_module_never_hands_out_a_custom_class_capsule():
     """A custom class object's internal slot 'capsule' holds the C++ object:
     wrapped by Python it crashed the process when used."""
-    from module_utils_models import ConvertibleNet
-
-    from torch_sparsity import utils
-
     torch.manual_seed(0)
     model = torch.jit.script(ConvertibleNet())
     assert utils.fqn_to_module(model, "fc1.weight_sparsity.capsule") is None
@@ -179,8 +175,6 @@ class RaisingProperty(torch.nn.Module):
 
 
 def test_a_raising_property_on_the_path_is_a_runtime_error():
-    from torch_sparsity import utils
-
     scripted = torch.jit.script(RaisingProperty())
     scripted.fail = True
     for call in (lambda: utils.fqn_to_module(scripted, "broken"),

@@ -12,12 +12,15 @@ import pytest
 import torch
 from torch import nn
 from torch.ao.pruning._experimental.pruner.parametrization import BiasHook, FakeStructuredSparsity
+from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize
 
 import torch_sparsity
 from end_to_end_models import STRUCTURED_PRUNER_METHODS, forward_backward, mha_slow_path, prune_structured, pruned_model
 from sparsity_testing import assert_bitwise_equal, assert_same_results, save_tensor_bag
+from torch_sparsity import aoti
 from torch_sparsity.convert import ConversionError, convert, masks, squash
+from torch_sparsity.utils import module_contains_param
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -153,8 +156,6 @@ def test_torchvision_models_converted_and_scripted_bit_for_bit(name, method):
 
 
 def test_aoti_package_masks_are_row_masks_that_set_mask_replaces(tmp_path):
-    from torch_sparsity import aoti
-
     model, x = small_pruned("saliency")
     model.eval()
     converted = convert(model, target="export")
@@ -241,8 +242,6 @@ class DoublingRows(FakeStructuredSparsity):
 def _refusals():
     def both_kinds_on_one_tensor():
         model, _ = small_pruned("saliency")
-        from torch.ao.pruning.sparsifier.utils import FakeSparsity
-
         parametrize.register_parametrization(model.fc1, "weight", FakeSparsity(torch.ones(6, 128)))
         return model, r"module 'fc1' \(Linear\): tensor 'weight' has the parametrizations " \
                       r"\['FakeStructuredSparsity', 'FakeSparsity'\]"
@@ -285,8 +284,6 @@ def test_refusals_name_module_and_tensor_and_change_nothing(case, target, inplac
 
 
 def test_module_contains_param_sees_structured_sparsity():
-    from torch_sparsity.utils import module_contains_param
-
     model, _ = small_pruned("saliency")
     scripted = torch.jit.script(convert(model))
     assert module_contains_param(scripted.fc1, "FakeStructuredSparsity")
