@@ -166,6 +166,28 @@ def make_mask(shape, dtype, device="cpu", special=False):
     return mask.to(device)
 
 
+# ------------------------------------------------------ FakeSparsity objects
+
+
+def plugin_weight(shape=(6, 7), dtype=torch.float32):
+    """A weight for FakeSparsity tests (the cache tests), with the specials."""
+    return torch.nn.Parameter(make_x(shape, dtype))
+
+
+def held_mask_times(fs, w):
+    """What fs.forward(w) must give, from the mask fs holds now."""
+    return fs.mask * w.detach()
+
+
+def forward_counting_hits(fs, w):
+    """fs.forward(w) under no_grad, and whether it was a cache hit."""
+    hits = fs.cache_hits()
+    with torch.no_grad():
+        out = fs.forward(w)
+    assert fs.cache_hits() - hits in (0, 1)
+    return out, fs.cache_hits() > hits
+
+
 # ------------------------------------------------------ memory layouts
 #
 # Each takes a contiguous tensor and returns one holding the same values (or,

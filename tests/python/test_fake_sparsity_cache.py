@@ -7,7 +7,6 @@ next forward recomputes."""
 import copy
 import io
 import itertools
-import threading
 
 import pytest
 import torch
@@ -17,30 +16,14 @@ from sparsity_testing import (
     SparseConv2d,
     SparseLinear,
     assert_bitwise_equal,
+    forward_counting_hits,
+    held_mask_times,
     make_mask,
     make_x,
-    needs_cuda,
+    plugin_weight,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 FakeSparsity = torch.classes.sparsity.FakeSparsity
-
-
-def _weight(shape=(6, 7), dtype=torch.float32):
-    return torch.nn.Parameter(make_x(shape, dtype))
-
-
-def _expected(fs, w):
-    return fs.mask * w.detach()
-
-
-def _forward_counting(fs, w):
-    """fs.forward(w) under no_grad, and whether it was a cache hit."""
-    hits = fs.cache_hits()
-    with torch.no_grad():
-        out = fs.forward(w)
-    assert fs.cache_hits() - hits in (0, 1)
-    return out, fs.cache_hits() > hits
 
 
 # ---------------------------------------------------------------- hits
@@ -48,13 +31,13 @@ def _forward_counting(fs, w):
 
 def test_second_forward_is_a_hit_with_the_same_values():
     fs = FakeSparsity(make_mask((6, 7), torch.bool))
-    w = _weight()
-    first, hit = _forward_counting(fs, w)
+    w = plugin_weight()
+    first, hit = forward_counting_hits(fs, w)
     assert not hit and fs.cache_hits() == 0
     for _ in range(3):
-        again, hit = _forward_counting(fs, w)
+        again, hit = forward_counting_hits(fs, w)
         assert hit
-        assert_bitwise_equal(again, _expected(fs, w))
+        assert_bitwise_equal(again, held_mask_times(fs, w))
         assert again is first  # the kept tensor itself: nothing copied
         assert not again.requires_grad and again.grad_fn is None
     assert fs.cache_hits() == 3
@@ -62,12 +45,12 @@ def test_second_forward_is_a_hit_with_the_same_values():
 
 @pytest.mark.parametrize("x_dtype,mask_dtype", list(itertools.product(X_DTYPES, MASK_DTYPES)))
 def test_hits_are_bitwise_mask_times_x_for_every_dtype(x_dtype, mask_dtype):
-    w = _weight((5, 9), x_dtype)
+    w = plugin_weight((5, 9), x_dtype)
     fs = FakeSparsity(make_mask((5, 9), mask_dtype, special=True))
     for expect_hit in (False, True):
-        out, hit = _forward_counting(fs, w)
+        out, hit = forward_counting_hits(fs, w)
         assert hit == expect_hit
-        assert_bitwise_equal(out, _expected(fs, w))
+        assert_bitwise_equal(out, held_mask_times(fs, w))
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
@@ -80,8 +63,8 @@ def test_hits_keep_the_layout_of_mask_times_x(layout):
     else:
         w, mask = make_x((8, 10), torch.float32)[::2, 1:], make_mask((4, 9), torch.float32)
     fs = FakeSparsity(mask)
-    _forward_counting(fs, w)
-    out, hit = _forward_counting(fs, w)
+    forward_counting_hits(fs, w)
+    out, hit = forward_counting_hits(fs, w)
     assert hit
     assert_bitwise_equal(out, mask * w)
     assert out.stride() == torch.ops.sparsity.fake_sparsity(w, mask).stride()  # as uncached
@@ -98,7 +81,7 @@ def test_grad_mode_without_requires_grad_hits():
 
 def test_inference_mode_hits_with_normal_tensors():
     fs = FakeSparsity(make_mask((4, 4), torch.bool))
-    w = _weight((4, 4))
+    w = plugin_weight((4, 4))
     with torch.inference_mode():
         fs.forward(w)
         out = fs.forward(w)
@@ -106,14 +89,14 @@ def test_inference_mode_hits_with_normal_tensors():
         # what shows a write through it.
         assert not out.is_inference()
     assert fs.cache_hits() == 1
-    assert_bitwise_equal(out, _expected(fs, w))
-    again, hit = _forward_counting(fs, w)
+    assert_bitwise_equal(out, held_mask_times(fs, w))
+    again, hit = forward_counting_hits(fs, w)
     assert hit and again is out
     with torch.inference_mode():
         out.add_(1)  # seen in inference mode too
         fresh = fs.forward(w)
     assert fs.cache_hits() == 2 and fresh is not out
-    assert_bitwise_equal(fresh, _expected(fs, w))
+    assert_bitwise_equal(fresh, held_mask_times(fs, w))
 
 
 def test_scripted_models_hit_in_inference():
@@ -224,32 +207,32 @@ EDITS = _edits()
 
 @pytest.mark.parametrize("name", sorted(EDITS))
 def test_edits_invalidate(name):
-    base = _weight((6, 6)) if name != "inplace_base_of_weight" else make_x((6, 12), torch.float32)
+    base = plugin_weight((6, 6)) if name != "inplace_base_of_weight" else make_x((6, 12), torch.float32)
     w = base if name != "inplace_base_of_weight" else base[:, ::2]
     fs = FakeSparsity(make_mask((6, 6), torch.bool))
-    _forward_counting(fs, w)
-    out, hit = _forward_counting(fs, w)
+    forward_counting_hits(fs, w)
+    out, hit = forward_counting_hits(fs, w)
     assert hit
     w = EDITS[name](fs, w)
-    out, hit = _forward_counting(fs, w)
+    out, hit = forward_counting_hits(fs, w)
     assert not hit, name
-    assert_bitwise_equal(out, _expected(fs, w))
+    assert_bitwise_equal(out, held_mask_times(fs, w))
     # and the new result is what is kept now
-    out, hit = _forward_counting(fs, w)
+    out, hit = forward_counting_hits(fs, w)
     assert hit
-    assert_bitwise_equal(out, _expected(fs, w))
+    assert_bitwise_equal(out, held_mask_times(fs, w))
 
 
 def test_grad_mode_with_requires_grad_computes_a_graph_and_drops_the_cache():
     fs = FakeSparsity(make_mask((4, 5), torch.bool))
-    w = _weight((4, 5))
-    _forward_counting(fs, w)
+    w = plugin_weight((4, 5))
+    forward_counting_hits(fs, w)
     out = fs.forward(w)
     assert fs.cache_hits() == 0 and out.grad_fn is not None
     (grad,) = torch.autograd.grad(out.sum(), w)
     assert_bitwise_equal(grad, fs.mask.float())
     # The graph-building call dropped the kept result: the next no_grad call recomputes.
-    _, hit = _forward_counting(fs, w)
+    _, hit = forward_counting_hits(fs, w)
     assert not hit
     # A mask that requires grad needs a graph too.
     fmask = torch.rand(4, 5, requires_grad=True)
@@ -349,25 +332,25 @@ def test_changes_to_a_scripted_model_invalidate(change):
 
 def test_cache_can_be_turned_off_and_cleared():
     fs = FakeSparsity(make_mask((4, 4), torch.bool))
-    w = _weight((4, 4))
+    w = plugin_weight((4, 4))
     assert fs.cache_enabled()
     fs.set_cache_enabled(False)
     assert not fs.cache_enabled()
     for _ in range(3):
-        out, hit = _forward_counting(fs, w)
+        out, hit = forward_counting_hits(fs, w)
         assert not hit
-        assert_bitwise_equal(out, _expected(fs, w))
+        assert_bitwise_equal(out, held_mask_times(fs, w))
     fs.set_cache_enabled(True)
-    _forward_counting(fs, w)
-    assert _forward_counting(fs, w)[1]
+    forward_counting_hits(fs, w)
+    assert forward_counting_hits(fs, w)[1]
     fs.clear_cache()
-    assert not _forward_counting(fs, w)[1]
+    assert not forward_counting_hits(fs, w)[1]
     # The escape hatch for writes that bypass the version counter.
     w.data.mul_(0.5)
     fs.clear_cache()
-    out, hit = _forward_counting(fs, w)
+    out, hit = forward_counting_hits(fs, w)
     assert not hit
-    assert_bitwise_equal(out, _expected(fs, w))
+    assert_bitwise_equal(out, held_mask_times(fs, w))
 
 
 def test_setting_is_scriptable():
@@ -380,178 +363,3 @@ def test_setting_is_scriptable():
     fs = FakeSparsity(torch.ones(2, dtype=torch.bool))
     assert toggle(fs, False) == 0 and not fs.cache_enabled()
     assert toggle(fs, True) == 1
-
-
-# ------------------------------------------- results callers write to
-
-
-def _writes_through_a_result():
-    yield "add_", lambda r: r.add_(1)
-    yield "zero_ of a view", lambda r: r[0].zero_()
-    yield "requires_grad_", lambda r: r.requires_grad_()
-    yield "t_", lambda r: r.t_()
-    yield "resize_", lambda r: r.resize_(3)
-    yield "set_", lambda r: r.set_(torch.ones(5, 5))
-    yield "out=", lambda r: torch.mul(r, 2, out=r)
-
-
-@pytest.mark.parametrize("write", list(_writes_through_a_result()), ids=lambda w: w[0])
-def test_a_write_through_a_result_is_seen_and_the_next_forward_recomputes(write):
-    _, change = write
-    fs = FakeSparsity(make_mask((5, 5), torch.bool))
-    w = _weight((5, 5))
-    expected = _expected(fs, w)
-    _forward_counting(fs, w)
-    result, hit = _forward_counting(fs, w)
-    assert hit
-    with torch.no_grad():
-        change(result)
-    fresh, hit = _forward_counting(fs, w)
-    assert not hit and fresh is not result
-    assert_bitwise_equal(fresh, expected)
-    again, hit = _forward_counting(fs, w)
-    assert hit and again is fresh
-
-
-def test_writes_that_bypass_version_counters_are_not_seen_until_clear_cache():
-    """The documented limit (docs/performance.md): a write through .data or
-    .numpy() changes no version counter, so the cache cannot see it; hits
-    then hand out what was written, until clear_cache()."""
-    for bypass in (lambda r: r.data.fill_(7), lambda r: r.numpy().__setitem__(slice(None), 7)):
-        fs = FakeSparsity(make_mask((5, 5), torch.bool))
-        w = _weight((5, 5))
-        expected = _expected(fs, w)
-        result, _ = _forward_counting(fs, w)
-        bypass(result)
-        stale, hit = _forward_counting(fs, w)
-        assert hit and torch.equal(stale, torch.full((5, 5), 7.0))
-        fs.clear_cache()
-        fresh, hit = _forward_counting(fs, w)
-        assert not hit
-        assert_bitwise_equal(fresh, expected)
-
-
-def test_reading_results_in_linear_and_conv_does_not_copy_or_invalidate():
-    fs = FakeSparsity(make_mask((8, 4, 3, 3), torch.bool))
-    w = _weight((8, 4, 3, 3))
-    first, _ = _forward_counting(fs, w)
-    weight, hit = _forward_counting(fs, w)
-    assert hit and weight.data_ptr() == first.data_ptr()
-    with torch.no_grad():
-        torch.nn.functional.conv2d(torch.randn(2, 4, 6, 6), weight)
-        torch.nn.functional.linear(torch.randn(3, 36), weight.view(8, 36))
-    again, hit = _forward_counting(fs, w)
-    assert hit and again is weight
-
-
-# ------------------------------------------- calls others must see
-
-
-def test_tracing_records_the_call():
-    fs_module = SparseLinear(torch.nn.Linear(6, 4), make_mask((4, 6), torch.bool))
-    x = torch.randn(2, 6)
-    with torch.no_grad():
-        fs_module(x)
-        fs_module(x)  # the cache is warm
-        traced = torch.jit.trace(fs_module, x)
-    # The trace calls the class (or the operator), not a constant weight.
-    graph = str(traced.graph)
-    assert 'prim::CallMethod[name="forward"](%weight_sparsity' in graph or "sparsity::fake_sparsity" in graph
-    fs_module.weight_sparsity.update_mask(torch.zeros(4, 6, dtype=torch.bool))
-    with torch.no_grad():
-        assert_bitwise_equal(traced(x), fs_module.bias.expand(2, 4))
-
-
-def test_dispatch_modes_see_every_call():
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    fs = FakeSparsity(make_mask((3, 3), torch.bool))
-    w = _weight((3, 3))
-    _forward_counting(fs, w)
-    _forward_counting(fs, w)
-    with Recorder() as recorder, torch.no_grad():
-        out = fs.forward(w)
-        out2 = fs.forward(w)
-    assert sum("fake_sparsity" in op for op in recorder.ops) == 2
-    assert fs.cache_hits() == 1
-    assert_bitwise_equal(out, _expected(fs, w))
-    assert_bitwise_equal(out2, _expected(fs, w))
-
-
-def test_meta_inputs_are_not_cached():
-    fs = FakeSparsity(make_mask((3, 3), torch.bool))
-    x = torch.empty(3, 3, device="meta")
-    for _ in range(2):
-        assert fs.forward(x).device.type == "meta"
-    assert fs.cache_hits() == 0
-
-
-@needs_cuda
-def test_moves_to_cuda_and_back_invalidate():
-    fs = FakeSparsity(make_mask((4, 4), torch.bool))
-    w = _weight((4, 4))
-    _forward_counting(fs, w)
-    wc = w.detach().cuda()
-    for _ in range(2):  # CUDA results are not cached
-        out, hit = _forward_counting(fs, wc)
-        assert not hit and out.is_cuda
-        assert_bitwise_equal(out.cpu(), _expected(fs, w).cpu())
-    # Back on the CPU: the mask moved, so nothing kept before can match.
-    out, hit = _forward_counting(fs, w)
-    assert not hit and fs.mask.is_cpu
-    assert_bitwise_equal(out, _expected(fs, w))
-
-
-# ------------------------------------------- threads
-
-
-def test_concurrent_forwards_and_mask_updates():
-    """Scripted loops (which run without the GIL) call forward from several
-    threads while another updates the mask. A forward racing with
-    update_mask computes with the old mask or the new one, whole, so each
-    result is one mask's; once the updates are done, the next result must be
-    the last mask's, never a stale kept one. (C++: test_concurrency_stress.cpp,
-    8 threads and thousands of updates.)"""
-    masks = [make_mask((64, 64), torch.bool) for _ in range(4)]
-    fs = FakeSparsity(masks[0].clone())
-    w = torch.nn.Parameter(make_x((64, 64), torch.float32, special=False))  # no NaN, so == works
-    allowed = [m * w.detach() for m in masks]
-
-    @torch.jit.script
-    def loop(fs: torch.classes.sparsity.FakeSparsity, w: torch.Tensor, n: int) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        with torch.no_grad():
-            for _ in range(n):
-                out.append(fs.forward(w))
-        return out
-
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.extend(loop(fs, w, 300))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for i in range(40):
-        fs.update_mask(masks[i % 4])
-    for t in threads:
-        t.join()
-    assert not errors
-    assert fs.cache_hits() > 0
-    assert len(results) == 900
-    for r in results:
-        assert any(torch.equal(r, a) for a in allowed)
-    fs.update_mask(masks[3])
-    with torch.no_grad():
-        assert_bitwise_equal(fs.forward(w), allowed[3])
