@@ -27,13 +27,7 @@ from torch.nn.utils import parametrize
 
 from . import export, load_library, torchscript
 from .masks import compact_mask, fake_sparsities, mask_bytes, masks, squash, storage_bytes
-from .naming import (
-    MASK_SUFFIX,
-    ORIGINAL_SUFFIX,
-    PRUNE_MASK_SUFFIX,
-    PRUNE_ORIG_SUFFIX,
-    SPARSITY_SUFFIX,
-)
+from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, PRUNE_MASK_SUFFIX, PRUNE_ORIG_SUFFIX, SPARSITY_SUFFIX
 from .sources import (
     PRUNE_HOOK,
     ConversionError,

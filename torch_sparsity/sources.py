@@ -10,6 +10,10 @@ changes (docs/end_to_end.md, "Pruning sources").
   tensor ``T_orig``, the buffer ``T_mask`` and a forward pre-hook that sets
   the plain attribute ``T = T_mask * T_orig`` before each forward. A mask of
   another floating dtype is converted to the tensor's, as prune computes.
+  Converted, the mask applies whenever ``T`` is read, where prune's ``T``
+  only changes when the module's own forward runs (``MultiheadAttention``
+  reads ``out_proj.weight`` without calling ``out_proj``). Forward pre-hooks
+  that are not prune's stay.
 """
 
 import keyword
