@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.ao.pruning import WeightNormSparsifier
 from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
 from torch.nn.utils import parametrize, prune
 
@@ -135,6 +136,29 @@ def pruned_model(name: str, method: str, seed: int = 0, input_shape=None, **mode
     else:
         raise ValueError(method)
     return model, example
+
+
+def example_input():
+    """An input for pruned_eager_model's models."""
+    return torch.randn(1, 3, 64, 64)
+
+
+def pruned_eager_model(arch):
+    """A torchvision model prepared by WeightNormSparsifier: FakeSparsity
+    parametrizations on its Linear weights and on a few conv weights."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)][:3]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    config = [{"tensor_fqn": f"{name}.weight"} for name in convs + linears]
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=2)
+    sparsifier.prepare(model, config)
+    # Real masks rather than all ones. (The sparsifier's step() pools 2-D
+    # weights only, so conv masks are filled at random.)
+    for group in sparsifier.groups:
+        mask = group["module"].parametrizations[group["tensor_name"]][0].mask
+        mask.copy_(torch.rand(mask.shape) > 0.5)
+    return model
 
 
 def small_pruned_model(pruning="weight_norm"):

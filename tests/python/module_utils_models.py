@@ -1,7 +1,8 @@
 """Small modules for the module-utility tests (pytest and the C++ suite's
 model files): a linear layer masked by torch.classes.sparsity.FakeSparsity, a
 swap_module prototype, and a scripted model whose methods call every
-torch.ops.sparsity module operator. Load the plugin before scripting these."""
+torch.ops.sparsity module operator, and the lookups the tests compare
+with. Load the plugin before scripting these."""
 
 import warnings
 from typing import Any, Dict, Optional
@@ -159,3 +160,15 @@ class ConvertibleNet(nn.Module):
 def masked_linear_reference(masked: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What a MaskedLinear (scripted) computes, written out."""
     return F.linear(x, masked.weight * masked.weight_sparsity.mask, masked.bias)
+
+
+def same_object(a, b) -> bool:
+    """Identity of the TorchScript objects behind two ScriptModule wrappers."""
+    return a._c == b._c
+
+
+def submodule(model, name):
+    """model.get_submodule(name), which ScriptModules lack."""
+    for piece in name.split(".") if name else []:
+        model = getattr(model, piece)
+    return model
