@@ -3,7 +3,7 @@ import torch
 
 import torch_sparsity  # the installed package (scripts/build.sh); importing it loads the plugin
 from cpp_consumer import build_consumer
-from sparsity_testing import check_cuda_kernels, needs_cuda
+from sparsity_pytest import check_cuda_kernels, needs_cuda
 
 
 @pytest.fixture(scope="session")

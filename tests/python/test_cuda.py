@@ -6,7 +6,8 @@ class's or target's own test file (tests taking `device`, ids with
 
 import pytest
 import torch
-from sparsity_testing import assert_bitwise_equal, check_cuda_kernels, make_mask, make_x, needs_cuda
+from sparsity_pytest import check_cuda_kernels, needs_cuda
+from sparsity_testing import assert_bitwise_equal, make_mask, make_x
 
 pytestmark = needs_cuda
 

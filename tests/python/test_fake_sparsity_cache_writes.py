@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from sparsity_pytest import needs_cuda
 from sparsity_testing import (
     SparseLinear,
     assert_bitwise_equal,
@@ -14,7 +15,6 @@ from sparsity_testing import (
     held_mask_times,
     make_mask,
     make_x,
-    needs_cuda,
     plugin_weight,
 )
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-from sparsity_testing import (
-    MASK_DTYPES, X_DTYPES, assert_bitwise_equal, layout_cases, make_mask, make_x, run_under_cpu_capability,
-)
+from sparsity_pytest import run_under_cpu_capability
+from sparsity_testing import MASK_DTYPES, X_DTYPES, assert_bitwise_equal, layout_cases, make_mask, make_x
 
 fake_sparsity = torch.ops.sparsity.fake_sparsity
 fake_sparsity_ = torch.ops.sparsity.fake_sparsity_

@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+from sparsity_pytest import run_under_cpu_capability
 from sparsity_testing import (
     MASK_DTYPES,
     X_DTYPES,
@@ -20,7 +21,6 @@ from sparsity_testing import (
     layouts_for,
     make_mask,
     make_x,
-    run_under_cpu_capability,
     stepped,
     write_patched_archive,
 )

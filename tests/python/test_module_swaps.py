@@ -20,7 +20,7 @@ from module_utils_models import (
     same_object,
     submodule,
 )
-from sparsity_testing import needs_cuda
+from sparsity_pytest import needs_cuda
 from torch_sparsity import utils
 
 # torch.jit.script/trace/interface warn that they are deprecated.
