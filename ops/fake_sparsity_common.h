@@ -113,11 +113,14 @@ inline void check_fake_structured_sparsity_inputs(
 }
 
 // The row mask as mask.reshape(-1, 1, ...) with x's number of dimensions:
-// the contract's definition broadcasts it so against x.
+// the contract's definition broadcasts it so against x. A bool or uint8 mask
+// comes as x's dtype (the result's, which holds 0 to 255 exactly, so the same
+// bits): aten's mul then skips its slower loop for mixed dtypes.
 inline at::Tensor row_mask_view(const at::Tensor& mask, const at::Tensor& x) {
   c10::SmallVector<int64_t, 6> shape(x.dim(), 1);
   shape[0] = mask.size(0); // not -1, which an empty mask leaves ambiguous
-  return mask.reshape(shape);
+  const bool byte_mask = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
+  return (byte_mask ? mask.to(x.scalar_type()) : mask).reshape(shape);
 }
 
 // out = mask * x by aten's mul, out allocated by the caller (x itself in
