@@ -56,8 +56,9 @@ main() {
   if [ "$build" = 0 ]; then
     echo "== CUDA tests"
     start=$SECONDS
+    # A module that cannot be imported there fails the step, not the others.
     timeout -k 10 260 "$PYTHON" -m pytest tests/python -k cuda -q -rfEs -p no:cacheprovider \
-      >"$out/pytest-cuda.txt" 2>&1
+      --continue-on-collection-errors >"$out/pytest-cuda.txt" 2>&1
     tests=$?
     tail -25 "$out/pytest-cuda.txt"
     summary+=("$(step tests "$tests" $((SECONDS - start))) $(tail -1 "$out/pytest-cuda.txt")")
@@ -67,7 +68,7 @@ main() {
     timeout -k 10 90 "$PYTHON" scripts/benchmarks/bench_gpu.py --check --runs 100 \
       --out "$out/bench_gpu.txt" --json "$out/bench_gpu.json" ${COMMIT:+--commit "$COMMIT"}
     bench=$?
-    summary+=("$(step benchmark "$bench" $((SECONDS - start))) (3: results not bit for bit)")
+    summary+=("$(step benchmark "$bench" $((SECONDS - start)))$([ "$bench" != 3 ] || echo " results not bit for bit")")
   fi
 
   echo "== gpu-check summary (${SECONDS}s in all)"
