@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/mul.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -111,12 +112,23 @@ inline void check_fake_structured_sparsity_inputs(
       ": one entry per slice along dim 0");
 }
 
-// The row mask as a tensor of x's shape (stride 0 past dim 0), so that the
-// kernels of fake_sparsity, which take any strides, apply it.
-inline at::Tensor expand_row_mask(const at::Tensor& mask, const at::Tensor& x) {
-  c10::SmallVector<int64_t, 6> strides(x.dim(), 0);
-  strides[0] = mask.stride(0);
-  return mask.as_strided(x.sizes(), strides, mask.storage_offset());
+// The row mask as mask.reshape(-1, 1, ...) with x's number of dimensions:
+// the contract's definition broadcasts it so against x. A bool or uint8 mask
+// comes as x's dtype (the result's, which holds 0 to 255 exactly, so the same
+// bits): aten's mul then skips its slower loop for mixed dtypes.
+inline at::Tensor row_mask_view(const at::Tensor& mask, const at::Tensor& x) {
+  c10::SmallVector<int64_t, 6> shape(x.dim(), 1);
+  shape[0] = mask.size(0); // not -1, which an empty mask leaves ambiguous
+  const bool byte_mask = mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte;
+  return (byte_mask ? mask.to(x.scalar_type()) : mask).reshape(shape);
+}
+
+// out = mask * x by aten's mul, out allocated by the caller (x itself in
+// place, rounding as x.mul_(mask) does): the contract's own definition, so
+// the same bits, for every case no hand-written kernel beats.
+inline void mul_into(const at::Tensor& out, const at::Tensor& x, const at::Tensor& mask) {
+  at::Tensor result = out;
+  at::mul_out(result, mask, x);
 }
 
 // dtype of mask * x under PyTorch's promotion (same ndim, so no 0-dim rule).

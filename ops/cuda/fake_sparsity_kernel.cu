@@ -1,6 +1,7 @@
-// CUDA kernels of fake_sparsity, fake_sparsity_ and fake_structured_sparsity: the kernels and the
-// choice of kernel are in fake_sparsity_kernel.cuh (shared with the CPU
-// emulation test); here are the CUDA runtime calls and the registration.
+// CUDA kernels of fake_sparsity, fake_sparsity_ and fake_structured_sparsity:
+// the hand-written kernel of fake_sparsity_kernel.cuh (shared with the CPU
+// emulation test) where it beats aten's mul, aten's mul everywhere else.
+// Here are the CUDA runtime calls and the registration.
 
 #include "ops/cuda/fake_sparsity_kernel.cuh"
 #include "ops/registration.h"
@@ -20,41 +21,40 @@ namespace {
 // Launches on PyTorch's current stream of one device and checks every launch.
 class CudaLauncher {
  public:
-  explicit CudaLauncher(c10::DeviceIndex device)
-      : device_(device), stream_(c10::cuda::getCurrentCUDAStream(device)) {}
+  explicit CudaLauncher(c10::DeviceIndex device) : stream_(c10::cuda::getCurrentCUDAStream(device)) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
+  }
 
-  // Asked once, and only when a grid is capped.
-  int sm_count() {
-    if (sm_count_ == 0) {
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(
-          &sm_count_, cudaDevAttrMultiProcessorCount, device_));
-    }
+  int sm_count() const {
     return sm_count_;
   }
 
   template <typename... Params, typename... Args>
-  void launch(
-      void (*kernel)(Params...),
-      unsigned int blocks,
-      int threads,
-      Args... args) {
+  void launch(void (*kernel)(Params...), unsigned int blocks, int threads, Args... args) {
     kernel<<<blocks, threads, 0, stream_>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
  private:
-  c10::DeviceIndex device_;
   cudaStream_t stream_;
   int sm_count_ = 0;
 };
 
+// out = mask * x; out may be x (in place). The inputs are checked already.
+void apply_mask_cuda(const char* op_name, const at::Tensor& out, const at::Tensor& x, const at::Tensor& mask) {
+  if (!kernel_covers(out, x, mask)) {
+    detail::mul_into(out, x, mask);
+    return;
+  }
+  CudaLauncher launcher(x.device().index());
+  launch_apply_mask(launcher, op_name, out, x, mask);
+}
+
 at::Tensor fake_sparsity_cuda(const at::Tensor& x, const at::Tensor& mask) {
   detail::check_fake_sparsity_inputs("fake_sparsity", x, mask);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor out = at::empty_like(
-      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
-  CudaLauncher launcher(x.device().index());
-  apply_mask(launcher, "fake_sparsity", out, x, mask);
+  at::Tensor out = at::empty_like(x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  apply_mask_cuda("fake_sparsity", out, x, mask);
   return out;
 }
 
@@ -62,20 +62,15 @@ at::Tensor& fake_sparsity__cuda(at::Tensor& x, const at::Tensor& mask) {
   detail::check_fake_sparsity_inputs("fake_sparsity_", x, mask);
   detail::check_inplace_overlap("fake_sparsity_", x, mask);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  CudaLauncher launcher(x.device().index());
-  apply_mask(launcher, "fake_sparsity_", x, x, mask);
+  apply_mask_cuda("fake_sparsity_", x, x, mask);
   return x;
 }
 
-// The row mask expanded to x's shape (stride 0 past dim 0) through the
-// kernels of fake_sparsity, whose index arithmetic takes any strides.
 at::Tensor fake_structured_sparsity_cuda(const at::Tensor& x, const at::Tensor& mask) {
   detail::check_fake_structured_sparsity_inputs("fake_structured_sparsity", x, mask);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor out = at::empty_like(
-      x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
-  CudaLauncher launcher(x.device().index());
-  apply_mask(launcher, "fake_structured_sparsity", out, x, detail::expand_row_mask(mask, x));
+  at::Tensor out = at::empty_like(x, x.options().dtype(detail::fake_sparsity_result_type(x, mask)));
+  detail::mul_into(out, x, detail::row_mask_view(mask, x));
   return out;
 }
 

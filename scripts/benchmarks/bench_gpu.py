@@ -23,7 +23,7 @@ device's name, the torch and CUDA versions and the commit measured (--commit,
 else $TORCH_SPARSITY_COMMIT, else the checkout's HEAD, "-dirty" when tracked
 files differ from it).
 --device cpu runs everything on the CPU (perf_counter timing), only to try
-this script and scripts/gpu/gpu-tune.sh on a machine without a GPU.
+this script on a machine without a GPU.
 
 The plugin is $TORCH_SPARSITY_LIBRARY, else build/libtorch_sparsity.so.
 """

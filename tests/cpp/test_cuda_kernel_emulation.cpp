@@ -1,17 +1,14 @@
-// The CUDA kernels of fake_sparsity (ops/cuda/fake_sparsity_kernel.cuh),
+// The CUDA kernel of fake_sparsity (ops/cuda/fake_sparsity_kernel.cuh),
 // compiled for the CPU and run by an emulating launcher that calls the kernel
-// once per block and thread, in order. The kernels share nothing between
+// once per block and thread, in order. The kernel shares nothing between
 // threads and each thread reads an element before it writes it, so running
 // the threads one after another gives the GPU's result; what this checks is
 // the index arithmetic: which elements each thread takes (packs, the tail,
-// grid-stride sweeps, the strided offsets, the host loop past kMaxDims), that
-// every element gets mask * x's bits (in place, with masks of 2, 0.5 and the
-// like, an element masked twice would show), that nothing outside the output
-// is written or, under AddressSanitizer, read past the inputs, and which
-// kernel the pointers' alignment selects.
-// CMake builds this file once per set of launch settings (the
-// TORCH_SPARSITY_CUDA_* definitions), including those scripts/gpu/gpu-tune.sh
-// times on a GPU. The real kernels on a GPU: tests/python/test_cuda.py.
+// grid-stride sweeps), that every element gets mask * x's bits (in place,
+// with uint8 masks of 2 and 255, an element masked twice would show), that
+// nothing outside the output is written or, under AddressSanitizer, read past
+// the inputs, which inputs the kernel takes, and which pack the pointers'
+// alignment selects. The real kernel on a GPU: tests/python/test_cuda.py.
 
 #define TORCH_SPARSITY_CUDA_EMULATION
 #include "ops/cuda/fake_sparsity_kernel.cuh"
@@ -42,7 +39,8 @@ extern "C" const char* __asan_default_options() {
 
 namespace {
 
-using sparsity::ops::apply_mask;
+using sparsity::ops::kernel_covers;
+using sparsity::ops::launch_apply_mask;
 using sparsity_test::same_bits;
 
 // The tests make many small tensors: ATen's thread pool would spend more time
@@ -88,8 +86,8 @@ class EmulatedLauncher {
 };
 
 const std::vector<at::ScalarType> kXDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
-const std::vector<at::ScalarType> kMaskDtypes = {
-    at::kBool, at::kByte, at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+// The masks the kernel takes; aten's mul does the others.
+const std::vector<at::ScalarType> kMaskDtypes = {at::kBool, at::kByte};
 
 std::string dtypes_name(at::ScalarType x, at::ScalarType mask) {
   return std::string("x ") + c10::toString(x) + ", mask " + c10::toString(mask);
@@ -107,9 +105,8 @@ at::Tensor make_x(int64_t numel, at::ScalarType dtype) {
   return x.to(dtype);
 }
 
-// 0/1 with other values among them (2 and 255 for uint8; 0.5, -2, -0, NaN,
-// Inf for floating masks): an element masked twice by mistake, in place,
-// would show.
+// 0/1, with 2 and 255 among them for uint8: an element masked twice by
+// mistake, in place, would show.
 at::Tensor make_mask(int64_t numel, at::ScalarType dtype) {
   const at::Tensor keep = at::rand({numel}) > 0.5;
   if (dtype == at::kBool) {
@@ -117,9 +114,7 @@ at::Tensor make_mask(int64_t numel, at::ScalarType dtype) {
   }
   at::Tensor mask = keep.to(at::kDouble);
   if (numel > 0) {
-    const at::Tensor values = dtype == at::kByte
-        ? at::tensor({2.0, 255.0}, at::kDouble)
-        : at::tensor({0.5, -2.0, -0.0, std::nan(""), INFINITY}, at::kDouble);
+    const at::Tensor values = at::tensor({2.0, 255.0}, at::kDouble);
     const at::Tensor picks = at::randint(numel, {std::max<int64_t>(1, numel / 4)}, at::kLong);
     mask.index_put_({picks}, values.index({at::randint(values.numel(), {picks.numel()}, at::kLong)}));
   }
@@ -206,8 +201,9 @@ std::vector<EmulatedLauncher::Launch> check_apply_mask(
   const at::Tensor expected = (mask * x).to(out.scalar_type());
   const at::Tensor before = as_bits(storage_of(out)).clone();
   const at::Tensor outside = outside_of(out);
+  EXPECT_TRUE(kernel_covers(out, x, mask)) << what;
   EmulatedLauncher launcher;
-  apply_mask(launcher, "fake_sparsity", out, x, mask);
+  launch_apply_mask(launcher, "fake_sparsity", out, x, mask);
   EXPECT_TRUE(same_bits(out, expected)) << what;
   const at::Tensor after = as_bits(storage_of(out));
   EXPECT_TRUE(at::equal(after.masked_select(outside), before.masked_select(outside)))
@@ -216,25 +212,19 @@ std::vector<EmulatedLauncher::Launch> check_apply_mask(
 }
 
 // Lengths that cover: a single element, tails shorter than any pack, one
-// pack, and, for each unroll of the flat kernel, a last chunk one pack short
-// (the checked path at its fullest), a half-full last chunk and, where the
-// grid is capped, a tensor past one sweep of the grid (with 2 SMs) whose last
-// chunk is one pack short again. A chunk of 16-element packs spans
+// pack, a last chunk one pack short (the checked path at its fullest), a
+// half-full last chunk and a tensor past one sweep of the capped grid (with
+// 2 SMs) whose last chunk is one pack short again. A chunk of 16-element packs spans
 // threads * unroll * 16 elements, and one of narrower packs divides it, so
 // these hold for every pack width.
 std::vector<int64_t> flat_sizes() {
   using namespace sparsity::ops;
   std::vector<int64_t> sizes = {1, 3, 16, 17, 255, 1031};
-  for (const int unroll : {kFlatUnroll, kByteMaskUnroll}) {
-    const int64_t chunk = int64_t{kFlatThreads} * unroll * 16;
-    sizes.push_back(chunk - 1);
-    sizes.push_back(2 * chunk + chunk / 2 + 3);
-    if (kFlatGridWaves > 0) {
-      const int64_t sweep =
-          grid_blocks(std::numeric_limits<int64_t>::max(), kFlatThreads, kFlatGridWaves, 2) * chunk;
-      sizes.push_back(sweep + chunk - 1);
-    }
-  }
+  const int64_t chunk = int64_t{kThreads} * kUnroll * 16;
+  sizes.push_back(chunk - 1);
+  sizes.push_back(2 * chunk + chunk / 2 + 3);
+  const int64_t sweep = grid_blocks(std::numeric_limits<int64_t>::max() / 2, 16, 2) * chunk;
+  sizes.push_back(sweep + chunk - 1);
   std::sort(sizes.begin(), sizes.end());
   sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
   return sizes;
@@ -253,8 +243,7 @@ TEST(CudaKernelEmulation, DenseMatchesMaskTimesXAtEveryOffset) {
         const at::Tensor x_values = make_x(numel, x_dtype);
         const at::Tensor mask_values = make_mask(numel, mask_dtype);
         // Offsets in elements: all aligned, then each pointer alone off its
-        // pack by one element, then the mask 4 bytes in (a 4-byte-aligned
-        // 1-byte mask: the 16-byte pack of float32 but not a wider one).
+        // pack by one element, then all three off by the same amount.
         for (const auto& [x_off, mask_off, out_off] : std::vector<std::tuple<int, int, int>>{
                  {0, 0, 0}, {1, 0, 0}, {0, 1, 0}, {0, 0, 1}, {3, 3, 3}, {0, 4, 0}}) {
           if (numel > kEveryOffsetUpTo && x_off + mask_off + out_off > 1) {
@@ -292,8 +281,9 @@ TEST(CudaKernelEmulation, InPlaceMatchesMulAtEveryOffset) {
           const at::Tensor expected = (mask * x).to(x_dtype);
           const at::Tensor outside = outside_of(x);
           const at::Tensor before = as_bits(storage_of(x)).clone();
+          ASSERT_TRUE(kernel_covers(x, x, mask)) << what;
           EmulatedLauncher launcher;
-          apply_mask(launcher, "fake_sparsity_", x, x, mask);
+          launch_apply_mask(launcher, "fake_sparsity_", x, x, mask);
           EXPECT_TRUE(same_bits(x, expected)) << what;
           EXPECT_TRUE(at::equal(
               as_bits(storage_of(x)).masked_select(outside), before.masked_select(outside)))
@@ -304,84 +294,51 @@ TEST(CudaKernelEmulation, InPlaceMatchesMulAtEveryOffset) {
   }
 }
 
-// Layouts that are not one flat array: the strided kernel (and one shared
-// dense permutation, which the flat kernel takes).
-TEST(CudaKernelEmulation, StridedLayoutsMatchMaskTimesX) {
+// What the kernel takes: a bool or uint8 mask, one dense layout (any shared
+// permutation, such as channels-last), at least one element. Everything else
+// is left to aten's mul.
+TEST(CudaKernelEmulation, KernelCoversDenseByteMasksOnly) {
   at::manual_seed(3);
-  struct Layout {
-    std::string name;
-    std::vector<int64_t> sizes;
-    std::vector<int64_t> x_strides, mask_strides, out_strides;
-  };
-  const std::vector<Layout> layouts = {
-      {"x transposed", {37, 29}, {1, 37}, {29, 1}, {29, 1}},
-      {"every second element of x", {5, 7, 33}, {2 * 231, 2 * 33, 2}, {231, 33, 1}, {231, 33, 1}},
-      {"mask expanded along a dimension", {6, 130}, {130, 1}, {0, 1}, {130, 1}},
-      // fake_structured_sparsity's row mask: expanded past dim 0.
-      {"row mask", {6, 130}, {130, 1}, {1, 0}, {130, 1}},
-      {"row mask of a 3-d x", {4, 5, 33}, {165, 33, 1}, {1, 0, 0}, {165, 33, 1}},
-      {"row mask, x transposed", {9, 40}, {1, 9}, {1, 0}, {40, 1}},
-      {"out transposed", {3, 4, 50}, {200, 50, 1}, {200, 50, 1}, {1, 3, 12}},
-      {"all three channels-last (dense, flat kernel)", {2, 3, 5, 7}, {105, 1, 21, 3}, {105, 1, 21, 3}, {105, 1, 21, 3}},
-      {"size-1 and mergeable dimensions", {1, 4, 1, 6, 10}, {480, 120, 120, 20, 2}, {240, 60, 60, 10, 1}, {240, 60, 60, 10, 1}},
-      {"one element", {1, 1}, {7, 3}, {1, 1}, {1, 1}},
-  };
-  for (const Layout& layout : layouts) {
-    int64_t numel = 1;
-    for (const int64_t size : layout.sizes) {
-      numel *= size;
-    }
-    for (const at::ScalarType x_dtype : {at::kFloat, at::kHalf}) {
-      for (const at::ScalarType mask_dtype : {at::kBool, at::kFloat, at::kDouble}) {
-        const std::string what = layout.name + ", " + dtypes_name(x_dtype, mask_dtype);
-        const at::Tensor x = place(make_x(numel, x_dtype), layout.sizes, layout.x_strides, 3, 0);
-        // An expanded mask (stride 0) holds values for its distinct elements.
-        std::vector<int64_t> distinct_sizes = layout.sizes;
-        int64_t distinct = 1;
-        for (size_t d = 0; d < distinct_sizes.size(); ++d) {
-          if (layout.mask_strides[d] == 0) {
-            distinct_sizes[d] = 1;
-          }
-          distinct *= distinct_sizes[d];
-        }
-        const at::Tensor mask =
-            place(make_mask(distinct, mask_dtype), distinct_sizes, layout.mask_strides, 3, 0)
-                .expand(layout.sizes);
-        const at::Tensor out = place(
-            at::zeros({numel}, c10::promoteTypes(x_dtype, mask_dtype)), layout.sizes, layout.out_strides, 3, 3);
-        check_apply_mask(out, x, mask, what);
-        // In place, into a copy of x with x's layout.
-        const at::Tensor x_copy = place(x.clone(), layout.sizes, layout.x_strides, 3, 3);
-        check_apply_mask(x_copy, x_copy, mask, "in place, " + what);
-      }
-    }
+  const at::Tensor x = make_x(210, at::kFloat).reshape({2, 3, 5, 7});
+  const at::Tensor bool_mask = make_mask(210, at::kBool).reshape({2, 3, 5, 7});
+  EXPECT_TRUE(kernel_covers(x.clone(), x, bool_mask));
+  EXPECT_TRUE(kernel_covers(x, x, bool_mask.to(at::kByte)));
+  for (const at::ScalarType dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
+    EXPECT_FALSE(kernel_covers(x.clone(), x, bool_mask.to(dtype))) << c10::toString(dtype);
   }
-}
-
-TEST(CudaKernelEmulation, EmptyTensorsLaunchNothing) {
+  // All three channels-last: one dense layout, so the kernel, with mask * x's bits.
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x_cl = x.contiguous(cl);
+  const at::Tensor mask_cl = bool_mask.contiguous(cl);
+  check_apply_mask(at::empty_like(x_cl), x_cl, mask_cl, "channels-last");
+  // Layouts that differ, or that are not dense: aten's mul.
+  EXPECT_FALSE(kernel_covers(x.clone(), x_cl, bool_mask));
+  EXPECT_FALSE(kernel_covers(at::empty_like(x_cl), x, bool_mask));
+  const at::Tensor x_t = make_x(12, at::kFloat).reshape({4, 3}).t();
+  EXPECT_FALSE(kernel_covers(at::empty({3, 4}), x_t, make_mask(12, at::kBool).reshape({3, 4})));
+  const at::Tensor every_second = make_x(20, at::kFloat).slice(0, 0, 20, 2);
+  EXPECT_FALSE(kernel_covers(at::empty({10}), every_second, make_mask(10, at::kBool)));
+  const at::Tensor row = make_mask(6, at::kBool).reshape({6, 1}).expand({6, 5});
+  EXPECT_FALSE(kernel_covers(at::empty({6, 5}), make_x(30, at::kFloat).reshape({6, 5}), row));
   for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{0}, std::vector<int64_t>{3, 0, 2}}) {
-    const at::Tensor x = at::empty(sizes, at::kFloat);
-    const at::Tensor mask = at::empty(sizes, at::kBool);
-    EmulatedLauncher launcher;
-    apply_mask(launcher, "fake_sparsity", x.clone(), x, mask);
-    apply_mask(launcher, "fake_sparsity_", x, x, mask);
-    EXPECT_TRUE(launcher.launches.empty());
+    const at::Tensor empty = at::empty(sizes, at::kFloat);
+    EXPECT_FALSE(kernel_covers(empty.clone(), empty, at::empty(sizes, at::kBool)));
   }
 }
 
 TEST(CudaKernelEmulation, ZeroDimTensor) {
   const at::Tensor x = at::scalar_tensor(-2.5, at::kFloat);
-  const at::Tensor mask = at::scalar_tensor(3.0, at::kHalf);
+  const at::Tensor mask = at::scalar_tensor(3, at::kByte);
   const at::Tensor out = at::empty({}, at::kFloat);
   const auto launches = check_apply_mask(out, x, mask, "0-d");
   ASSERT_EQ(launches.size(), 1u);
   EXPECT_EQ(launches[0].blocks, 1u);
 }
 
-// The kernel the pointers' alignment selects: the widest pack all three are
-// aligned for.
-TEST(CudaKernelEmulation, AlignmentPicksTheWidestPack) {
-  using namespace sparsity::ops;
+// The kernel the pointers' alignment selects: packs of 16 bytes of the widest
+// type when all three are aligned for them, one element otherwise.
+TEST(CudaKernelEmulation, AlignmentPicksThePack) {
+  using sparsity::ops::apply_mask_flat_kernel;
   const int64_t numel = 4096;
   const auto kernel_for = [&](const at::Tensor& x, const at::Tensor& mask) {
     const at::Tensor out = at::empty({numel}, c10::promoteTypes(x.scalar_type(), mask.scalar_type()));
@@ -390,95 +347,29 @@ TEST(CudaKernelEmulation, AlignmentPicksTheWidestPack) {
   const auto kernel_id = [](auto kernel) { return reinterpret_cast<const void*>(kernel); };
   const at::Tensor x = place_contiguous(make_x(numel, at::kFloat), {numel}, 0, 0);
   const at::Tensor x_off = place_contiguous(make_x(numel, at::kFloat), {numel}, 1, 0);
-  const at::Tensor float_mask = place_contiguous(make_mask(numel, at::kFloat), {numel}, 0, 0);
-  EXPECT_EQ(kernel_for(x, float_mask), kernel_id(apply_mask_flat_kernel<4, kFlatUnroll, float, float, float>));
-  EXPECT_EQ(kernel_for(x_off, float_mask), kernel_id(apply_mask_flat_kernel<1, kFlatUnroll, float, float, float>));
-
   const at::Tensor bool_values = make_mask(numel, at::kBool);
   const at::Tensor bool_mask = place_contiguous(bool_values, {numel}, 0, 0);
   const at::Tensor bool_mask_4 = place_contiguous(bool_values, {numel}, 4, 0);
   const at::Tensor bool_mask_1 = place_contiguous(bool_values, {numel}, 1, 0);
-  constexpr int kWide = byte_mask_width<float, float, bool>();
-  if constexpr (kWide > 0) {
-    EXPECT_EQ(kernel_for(x, bool_mask), kernel_id(apply_mask_flat_kernel<kWide, kByteMaskUnroll, float, float, bool>));
-  } else {
-    EXPECT_EQ(kernel_for(x, bool_mask), kernel_id(apply_mask_flat_kernel<4, kFlatUnroll, float, float, bool>));
-  }
-  // 4 bytes in: the 16-byte pack of float32 (4 mask bytes), not a wider one.
-  EXPECT_EQ(kernel_for(x, bool_mask_4), kernel_id(apply_mask_flat_kernel<4, kFlatUnroll, float, float, bool>));
-  EXPECT_EQ(kernel_for(x, bool_mask_1), kernel_id(apply_mask_flat_kernel<1, kFlatUnroll, float, float, bool>));
+  EXPECT_EQ(kernel_for(x, bool_mask), kernel_id(apply_mask_flat_kernel<4, float, float, bool>));
+  // 4 bytes in: still aligned for 4 mask bytes.
+  EXPECT_EQ(kernel_for(x, bool_mask_4), kernel_id(apply_mask_flat_kernel<4, float, float, bool>));
+  EXPECT_EQ(kernel_for(x, bool_mask_1), kernel_id(apply_mask_flat_kernel<1, float, float, bool>));
+  EXPECT_EQ(kernel_for(x_off, bool_mask), kernel_id(apply_mask_flat_kernel<1, float, float, bool>));
+  const at::Tensor half_x = place_contiguous(make_x(numel, at::kHalf), {numel}, 0, 0);
+  EXPECT_EQ(kernel_for(half_x, bool_mask), kernel_id(apply_mask_flat_kernel<8, c10::Half, c10::Half, bool>));
 }
 
 TEST(CudaKernelEmulation, GridBlocks) {
   using sparsity::ops::grid_blocks;
-  EXPECT_EQ(grid_blocks(0, 256, 1, 132), 1u);
-  EXPECT_EQ(grid_blocks(100, 256, 1, 132), 100u);
-  EXPECT_EQ(grid_blocks(1 << 20, 256, 1, 132), 132u * 8);
-  EXPECT_EQ(grid_blocks(1 << 20, 128, 2, 132), 132u * 16 * 2);
-  EXPECT_EQ(grid_blocks(int64_t{1} << 40, 256, 0, 132), 2147483647u);
-  EXPECT_EQ(grid_blocks(1 << 20, 256, 0, 132), 1u << 20);
+  // A chunk is 256 threads x 4 packs; the cap one wave of 2048 / 256 blocks per SM.
+  EXPECT_EQ(grid_blocks(0, 4, 132), 1u);
+  EXPECT_EQ(grid_blocks(1, 1, 132), 1u);
+  EXPECT_EQ(grid_blocks(100 * 1024 * 4, 4, 132), 100u);
+  EXPECT_EQ(grid_blocks(100 * 1024 * 4 + 1, 4, 132), 100u);
+  EXPECT_EQ(grid_blocks(100 * 1024 * 4 + 4, 4, 132), 101u);
+  EXPECT_EQ(grid_blocks(int64_t{1} << 40, 4, 132), 132u * 8);
+  EXPECT_EQ(grid_blocks(int64_t{1} << 40, 1, 0), 8u);
 }
-
-TEST(CudaKernelEmulation, MergedDims) {
-  using sparsity::ops::merged_dims;
-  const at::Tensor contiguous = at::empty({2, 3, 4}, at::kFloat);
-  auto dims = merged_dims(contiguous, contiguous, contiguous);
-  ASSERT_EQ(dims.size(), 1u);
-  EXPECT_EQ(dims[0].size, 24);
-  EXPECT_EQ(dims[0].x_stride, 1);
-
-  const at::Tensor transposed = at::empty({4, 3}, at::kFloat).t();
-  dims = merged_dims(contiguous.new_empty({3, 4}), transposed, contiguous.new_empty({3, 4}));
-  ASSERT_EQ(dims.size(), 2u);
-  EXPECT_EQ(dims[0].x_stride, 1);
-  EXPECT_EQ(dims[1].x_stride, 3);
-
-  const at::Tensor scalar = at::empty({}, at::kFloat);
-  dims = merged_dims(scalar, scalar, scalar);
-  ASSERT_EQ(dims.size(), 1u);
-  EXPECT_EQ(dims[0].size, 1);
-}
-
-#if TORCH_SPARSITY_CUDA_STRIDED_MAX_DIMS <= 8
-// Past kMaxDims dimensions that cannot merge, the host loops over the
-// smallest ones: one launch per index of those. Built with a low
-// TORCH_SPARSITY_CUDA_STRIDED_MAX_DIMS, so that a few small dimensions do it
-// (at the real 25, 2^26 elements would: tests/python/test_cuda.py has that).
-TEST(CudaKernelEmulation, MoreDimensionsThanTheKernelTakes) {
-  using sparsity::ops::kMaxDims;
-  at::manual_seed(4);
-  // Sizes mixed so that the host dimensions are not the outer ones, and
-  // x's strides reversed so that no neighbours merge.
-  for (const int extra : {1, 2, 3}) {
-    std::vector<int64_t> sizes;
-    for (int d = 0; d < kMaxDims + extra; ++d) {
-      sizes.push_back(2 + (d * 5) % 3); // 2, 4, 3, 2, 4, 3, ...
-    }
-    std::vector<int64_t> reversed_strides(sizes.size());
-    int64_t stride = 1;
-    int64_t numel = 1;
-    for (size_t d = 0; d < sizes.size(); ++d) {
-      reversed_strides[d] = stride;
-      stride *= sizes[d];
-      numel *= sizes[d];
-    }
-    const at::Tensor x = place(make_x(numel, at::kFloat), sizes, reversed_strides, 2, 0);
-    const at::Tensor mask = place_contiguous(make_mask(numel, at::kHalf), sizes, 2, 0);
-    const at::Tensor out = place_contiguous(at::zeros({numel}, at::kFloat), sizes, 2, 2);
-    const std::string what = std::to_string(sizes.size()) + " dimensions";
-    const auto launches = check_apply_mask(out, x, mask, what);
-    // One launch per index of the `extra` smallest dimensions.
-    std::vector<int64_t> by_size = sizes;
-    std::sort(by_size.begin(), by_size.end());
-    int64_t expected_launches = 1;
-    for (int k = 0; k < extra; ++k) {
-      expected_launches *= by_size[k];
-    }
-    EXPECT_EQ(static_cast<int64_t>(launches.size()), expected_launches) << what;
-    const at::Tensor x_copy = place(x.clone(), sizes, reversed_strides, 2, 2);
-    check_apply_mask(x_copy, x_copy, mask, "in place, " + what);
-  }
-}
-#endif
 
 } // namespace

@@ -1,8 +1,8 @@
 """The CUDA variant of the build, checked without a GPU: where nvcc and a
 CUDA build of torch are present (as on CI), the plugin must register CUDA
 kernels, link c10_cuda and carry sm_90 code plus PTX, and that code (read
-with cuobjdump) must move x and out 16 bytes per access and use no local
-memory."""
+with cuobjdump) must move x and out 16 bytes per access, use no local memory
+and hold kernels for bool and uint8 masks only (aten's mul does the rest)."""
 
 import re
 import shutil
@@ -32,7 +32,7 @@ def _cuobjdump():
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("op", ["fake_sparsity", "fake_sparsity_"])
+@pytest.mark.parametrize("op", ["fake_sparsity", "fake_sparsity_", "fake_structured_sparsity"])
 def test_cuda_kernels_are_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsity::{op}", "CUDA")
 
@@ -70,16 +70,14 @@ def sass_by_function():
     return functions
 
 
-# The dense ("flat") kernels the benchmarks time, by the mangled template
-# arguments <elements per pack, unroll, out, x, mask>: the unroll is a build
-# setting, so any.
+# The kernels, by the mangled template arguments <elements per pack, out, x,
+# mask>: 16 bytes of the widest type per pack, bool (b) or uint8 (h) masks.
 FLAT_KERNELS = {
-    "float32 x, float32 mask": r"apply_mask_flat_kernelILi4ELi\d+EfffE",
-    "float32 x, bool mask": r"apply_mask_flat_kernelILi4ELi\d+EffbE",
-    "float32 x, uint8 mask": r"apply_mask_flat_kernelILi4ELi\d+EffhE",
-    "float16 x and mask": r"apply_mask_flat_kernelILi8ELi\d+EN3c104HalfES4_S4_E",
-    "bfloat16 x and mask": r"apply_mask_flat_kernelILi8ELi\d+EN3c108BFloat16ES4_S4_E",
-    "float64 x and mask": r"apply_mask_flat_kernelILi2ELi\d+EdddE",
+    "float32 x, bool mask": r"apply_mask_flat_kernelILi4EffbE",
+    "float32 x, uint8 mask": r"apply_mask_flat_kernelILi4EffhE",
+    "float16 x, bool mask": r"apply_mask_flat_kernelILi8EN3c104HalfES\d*_bE",
+    "bfloat16 x, bool mask": r"apply_mask_flat_kernelILi8EN3c108BFloat16ES\d*_bE",
+    "float64 x, bool mask": r"apply_mask_flat_kernelILi2EddbE",
 }
 
 
@@ -112,3 +110,12 @@ def test_no_kernel_uses_local_memory(sass_by_function):
     assert sass_by_function
     offenders = [name for name, body in sass_by_function.items() if re.search(r"\b(LDL|STL)\b", body)]
     assert not offenders, offenders
+
+
+@needs_cuda_build
+def test_kernels_take_only_byte_masks(sass_by_function):
+    # With a floating mask aten's mul is as fast, so no kernel is compiled
+    # for one: the template's last argument is bool (b) or uint8 (h).
+    kernels = [name for name in sass_by_function if "apply_mask_flat_kernel" in name]
+    assert kernels
+    assert all(re.search(r"[bh]EEv", name) for name in kernels), kernels

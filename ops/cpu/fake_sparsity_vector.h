@@ -1,11 +1,12 @@
 #pragma once
 
-// Flat CPU loops of fake_sparsity for float16 and bfloat16, in x, mask or
-// result (with float, bool and uint8 for the others; float64 stays on the
-// generic loop). GCC vectorises none of c10::Half's or c10::BFloat16's
-// conversions, so the generic loop runs one element at a time, at a tenth
-// of memory speed; these loops convert 16 (AVX-512) or 8 (AVX2 + F16C)
-// elements at once.
+// The hand-written CPU loops of fake_sparsity: x and result float32, float16
+// or bfloat16, the mask bool, uint8 or one of those, with a bool or uint8
+// mask or a 16-bit type among the three (aten's mul wins or ties on the rest:
+// docs/performance.md, "Operator, CPU"). GCC vectorises none of c10::Half's
+// or c10::BFloat16's conversions, and aten's mul converts a bool or uint8
+// mask one element at a time; these loops convert 16 (AVX-512) or 8 (AVX2 +
+// F16C) elements at once.
 //
 // Same bits as mask * x: PyTorch computes a product of these types in float
 // (both operands converted exactly, bool as 0 or 1, uint8 exactly) and
@@ -16,7 +17,8 @@
 //
 // The loop is chosen once, from torch's CPU capability, so ATEN_CPU_CAPABILITY
 // (default, avx2, avx512) selects it the same way as PyTorch's own kernels,
-// which is how the tests reach every path on one machine.
+// which is how the tests reach every path (aten's mul under "default") on one
+// machine.
 
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
@@ -34,18 +36,20 @@
 
 namespace sparsity {
 namespace ops {
-namespace half_loops {
+namespace vector_loops {
 
 template <typename T>
 constexpr bool is_16bit_float = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 template <typename T>
 constexpr bool is_float_like = is_16bit_float<T> || std::is_same_v<T, float>;
+template <typename T>
+constexpr bool is_byte = std::is_same_v<T, bool> || std::is_same_v<T, uint8_t>;
 
 // The (out, x, mask) triples these loops handle. Each computes in float.
 template <typename out_t, typename x_t, typename mask_t>
-constexpr bool covers = (is_16bit_float<out_t> || is_16bit_float<x_t> || is_16bit_float<mask_t>) &&
-    is_float_like<out_t> && is_float_like<x_t> &&
-    (is_float_like<mask_t> || std::is_same_v<mask_t, bool> || std::is_same_v<mask_t, uint8_t>);
+constexpr bool covers = is_float_like<out_t> && is_float_like<x_t> &&
+    (is_float_like<mask_t> || is_byte<mask_t>) &&
+    (is_16bit_float<out_t> || is_16bit_float<x_t> || is_16bit_float<mask_t> || is_byte<mask_t>);
 
 // A bool mask is passed as its bytes.
 template <typename mask_t>
@@ -179,10 +183,10 @@ SPARSITY_DEFINE_HALF_LOOP(loop_avx2, SPARSITY_AVX2, 8, load8, store8, _mm256_mul
 #endif // SPARSITY_HALF_LOOPS_X86
 
 // The loop to use on this machine: the widest one that both torch's CPU
-// capability and the processor allow, else `generic`.
+// capability and the processor allow; nullptr (aten's mul) when neither does.
 template <typename out_t, typename x_t, typename mask_t>
-Loop<out_t, x_t, mask_t> pick(Loop<out_t, x_t, mask_t> generic) {
-  static const Loop<out_t, x_t, mask_t> chosen = [generic]() -> Loop<out_t, x_t, mask_t> {
+Loop<out_t, x_t, mask_t> pick() {
+  static const Loop<out_t, x_t, mask_t> chosen = []() -> Loop<out_t, x_t, mask_t> {
 #ifdef SPARSITY_HALF_LOOPS_X86
     const std::string capability = at::get_cpu_capability();
     if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) {
@@ -193,11 +197,11 @@ Loop<out_t, x_t, mask_t> pick(Loop<out_t, x_t, mask_t> generic) {
       return &loop_avx2<out_t, x_t, mask_t>;
     }
 #endif
-    return generic;
+    return nullptr;
   }();
   return chosen;
 }
 
-} // namespace half_loops
+} // namespace vector_loops
 } // namespace ops
 } // namespace sparsity
