@@ -6,9 +6,9 @@
 # the checkout, and the library, headers, CMake package and sparsity_run are
 # copied into site-packages/torch_sparsity. Rerun it after a C++ change.
 #
-# INSTALL=0 only runs CMake (no pip, no scikit-build-core needed: the GPU
-# scripts build variants this way). Extra arguments go to cmake;
-# BUILD_TARGETS (space-separated) limits what is built and implies INSTALL=0.
+# INSTALL=0 only runs CMake (no pip, no scikit-build-core needed). Extra
+# arguments go to cmake; BUILD_TARGETS (space-separated) limits what is built
+# and implies INSTALL=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
