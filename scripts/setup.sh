@@ -11,7 +11,7 @@ TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 # pip requirement, then the module that shows it is there.
 PY_PACKAGES=(pytest:pytest expecttest:expecttest numpy:numpy matplotlib:matplotlib
-  scikit-build-core==1.1.2:scikit_build_core)
+  scikit-build-core==1.1.2:scikit_build_core torch-pruning==1.6.1:torch_pruning)
 
 run_as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
