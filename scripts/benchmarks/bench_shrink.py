@@ -102,7 +102,7 @@ def compile_package(model, path: Path):
 def build(name: str, folder: Path, log):
     """The dense and shrunk models, their figures and packages."""
     start = time.perf_counter()
-    masked, _ = masked_torchvision_model(name)
+    masked, _, _ = masked_torchvision_model(name)
     x = image(1)
     shrunk_masked = torch_sparsity.shrink(masked, (x,))
     shrink_s = time.perf_counter() - start

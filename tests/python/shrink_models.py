@@ -86,13 +86,14 @@ def refresh_pruned(model: nn.Module) -> None:
 
 def masked_torchvision_model(name: str, seed: int = 0, amount: float = 0.5):
     """torchvision model `name` (random lively weights, eval mode) with
-    `amount` of its internal channels masked; returns (model, example input)."""
+    `amount` of its internal channels masked; returns (model, example input,
+    {producer fqn: kept channels})."""
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None)
     example = torch.randn(SHRINK_INPUT_SHAPES[name])
     _lively_random_weights(model, example)
-    mask_internal_channels(model, amount)
-    return model, example
+    kept = mask_internal_channels(model, amount)
+    return model, example, kept
 
 
 class SmallCNN(nn.Module):
@@ -115,15 +116,16 @@ class SmallCNN(nn.Module):
 def masked_small_cnn(seed: int = 0):
     """SmallCNN (lively random weights, eval) with half of conv1's channels
     masked (weight rows, bias, bn1's weight and bias) and an unstructured
-    mask on conv2's weight that stays after shrinking; returns (model, input)."""
+    mask on conv2's weight that stays after shrinking; returns (model, input,
+    {producer fqn: kept channels})."""
     torch.manual_seed(seed)
     model = SmallCNN()
     example = torch.randn(2, 3, 16, 16)
     _lively_random_weights(model, example)
-    mask_channels(model.conv1, _norm_terms(model.bn1))
+    kept = {"conv1": mask_channels(model.conv1, _norm_terms(model.bn1))}
     prune.l1_unstructured(model.conv2, "weight", amount=0.3)
     refresh_pruned(model)
-    return model, example
+    return model, example, kept
 
 
 def effective_dense(model: nn.Module) -> nn.Module:
