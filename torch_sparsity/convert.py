@@ -13,6 +13,8 @@ Names: a pruned tensor ``T`` is read as before; the tensor the mask applies
 to becomes ``T_original`` (``converted_name`` maps the parametrized model's
 ``<module>.parametrizations.T.original`` to ``<module>.T_original``), every
 other parameter and buffer keeps its name, and masks are in no state dict.
+``load_state_dict`` also takes the pruned model's state dict, masks included
+(``checkpoints.py``).
 A converted model pickles whole (``torch.save``, ``pickle``,
 ``copy.deepcopy``), its masks live in the copy too.
 """
@@ -26,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import export, load_library, torchscript
+from .checkpoints import load_pruned_checkpoint
 from .masks import compact_mask, fake_sparsities, mask_bytes, masks, squash, storage_bytes
 from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, PRUNE_MASK_SUFFIX, PRUNE_ORIG_SUFFIX, SPARSITY_SUFFIX
 from .sources import (
@@ -117,6 +120,8 @@ def _apply_plan(module: nn.Module, plan: List[PrunedTensor], compact_masks: bool
             module.register_buffer(pruned.name + MASK_SUFFIX, mask, persistent=False)
         if pruned.bias_hook is not None:
             _replace_bias_hook(module, pruned, target)
+    # load_state_dict takes the pruned model's checkpoints too (checkpoints.py).
+    module.register_load_state_dict_pre_hook(load_pruned_checkpoint)
 
 
 def _replace_bias_hook(module: nn.Module, pruned: PrunedTensor, target: str) -> None:
