@@ -29,7 +29,10 @@ from typing import Optional
 
 import torch
 
-__all__ = ["cmake_prefix_path", "library_path", "load_library", "masks", "sparsity_run_path", "__version__"]
+__all__ = [
+    "ShrinkError", "cmake_prefix_path", "library_path", "load_library", "masks", "shrink", "shrink_report",
+    "sparsity_run_path", "__version__",
+]
 
 _LIBRARY_NAME = "libtorch_sparsity.so"
 
@@ -188,3 +191,4 @@ sys.addaudithook(_refuse_other_builds)
 
 from . import _fake_classes  # noqa: E402,F401  (needs the library's classes)
 from .masks import masks  # noqa: E402  (the live masks of a converted model or ExportedProgram)
+from .shrinking import ShrinkError, shrink, shrink_report  # noqa: E402  (smaller models where masks zero channels)

@@ -1,0 +1,406 @@
+"""The per-operation rules of the channel analysis (``channels.py``): walks
+a ``torch.export`` graph (ATen ops, eval mode) and passes each tensor's
+channel flow on. A constant channel's value after an operation is that
+operation applied to the constant itself (a probe tensor with one entry per
+channel), which is what the operation computes on the real tensor. Any
+operation not known here keeps every channel it touches, and says so."""
+
+import math
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx import Node
+
+from .channels import CONST, VARYING, ZERO, Analysis, Flow, Read
+
+__all__ = ["analyze"]
+
+aten = torch.ops.aten
+
+# One output channel per input channel, computed from that channel alone, at
+# every position the same way: the probe gives a constant's new value.
+_CHANNELWISE = {
+    aten.relu, aten.relu_, aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_,
+    aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.sigmoid, aten.sigmoid_, aten.tanh, aten.tanh_,
+    aten.hardtanh, aten.hardtanh_, aten.relu6, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_,
+    aten.clamp, aten.clamp_, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.dropout_,
+    aten.feature_dropout, aten.feature_dropout_, aten.alpha_dropout, aten.batch_norm,
+    aten._native_batch_norm_legit_no_training, aten.to, aten._to_copy, aten.type_as, aten.neg, aten.abs,
+}
+# Spatial pooling: a zero channel stays zero, a constant one constant.
+_POOLS = {aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
+          aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+          aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d}
+_RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
+             aten.squeeze_, aten.unsqueeze, aten.unsqueeze_}
+_BINARY = {aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_}
+_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d}
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _packet(target):
+    return getattr(target, "overloadpacket", target)
+
+
+def _shape(node) -> Optional[tuple]:
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+class _Walker:
+    def __init__(self, program, tensors: Dict[str, torch.Tensor], modules: Dict[str, nn.Module], masked: set):
+        signature = program.graph_signature
+        self.fqn = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                    **signature.inputs_to_lifted_tensor_constants}
+        self.tensors, self.modules, self.masked = tensors, modules, masked
+        self.analysis = Analysis()
+        self.flows: Dict[Node, object] = {}
+
+    # -- helpers ------------------------------------------------------------
+    def tensor_of(self, arg) -> Optional[torch.Tensor]:
+        """The value of a parameter, buffer or constant read by the graph."""
+        if isinstance(arg, Node) and arg.op == "placeholder" and arg.name in self.fqn:
+            return self.tensors.get(self.fqn[arg.name])
+        return None
+
+    def pin_args(self, node: Node, reason: str) -> None:
+        for arg in node.all_input_nodes:
+            flow = self.flows.get(arg)
+            for f in flow if isinstance(flow, list) else [flow]:
+                if isinstance(f, Flow):
+                    self.analysis.pin(f.ids, reason)
+
+    def probe(self, flow: Flow, rank: int, dtype) -> torch.Tensor:
+        shape = [1] * rank
+        shape[flow.dim] = len(flow.ids)
+        return flow.value.to(dtype).reshape(shape)
+
+    def read_probe(self, out: torch.Tensor, flow: Flow, dim: int) -> Flow:
+        """The flow after an op whose probe result is ``out`` (channels along ``dim``)."""
+        value = out.detach().movedim(dim, 0).reshape(len(flow.ids), -1)[:, 0].to(torch.float64)
+        kind = np.where(flow.kind == VARYING, VARYING, np.where((value == 0).numpy(), ZERO, CONST)).astype(np.int8)
+        value = torch.where(torch.from_numpy(kind == CONST), value, torch.zeros_like(value))
+        return Flow(dim, flow.ids, kind, value)
+
+    def materialize(self, arg, flow: Flow, rank: int, dtype):
+        if isinstance(arg, Node):
+            if self.flows.get(arg) is flow:
+                return self.probe(flow, rank, dtype)
+            tensor = self.tensor_of(arg)
+            if tensor is None:
+                raise LookupError(arg.name)
+            return tensor
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(self.materialize(a, flow, rank, dtype) for a in arg)
+        return arg
+
+    def apply_probe(self, node: Node, flow: Flow, rank: int) -> Optional[Flow]:
+        """``node``'s op on the probe of ``flow`` (its other tensor inputs
+        being model constants), or None when it has others."""
+        value = node.meta.get("val")
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        try:
+            args = self.materialize(node.args, flow, rank, value.dtype)
+            kwargs = {k: self.materialize(v, flow, rank, value.dtype) for k, v in node.kwargs.items()}
+            with torch.no_grad():
+                out = node.target(*args, **kwargs)
+        except LookupError:
+            return None
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return self.read_probe(out, flow, flow.dim)
+
+    # -- the walk -------------------------------------------------------------
+    def run(self, graph) -> Analysis:
+        for node in graph.nodes:
+            if node.op == "call_function":
+                self.call(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    flow = self.flows.get(arg)
+                    for f in flow if isinstance(flow, list) else [flow]:
+                        if isinstance(f, Flow):
+                            self.analysis.pin(f.ids, "it reaches the model's output")
+        return self.analysis
+
+    def call(self, node: Node) -> None:
+        op = _packet(node.target)
+        inputs = [a for a in node.all_input_nodes if isinstance(self.flows.get(a), (Flow, list))]
+        if op in _CONVS or op is aten.linear:
+            self.flows[node] = self.conv_or_linear(node, op)
+        elif not inputs:
+            return  # no channels involved
+        elif node.target is getattr(__import__("operator"), "getitem"):
+            flows, index = self.flows[node.args[0]], node.args[1]
+            self.flows[node] = flows[index] if isinstance(flows, list) and index < len(flows) else None
+        elif op in _CHANNELWISE:
+            self.flows[node] = self.channelwise(node, op)
+        elif op in _POOLS:
+            self.flows[node] = self.pool(node, op)
+        elif op in _RESHAPES:
+            self.flows[node] = self.reshape(node)
+        elif op in _BINARY:
+            self.flows[node] = self.binary(node, op)
+        elif op is aten.cat:
+            self.flows[node] = self.cat(node)
+        elif op in (aten.permute, aten.transpose, aten.t, aten.expand, aten.mean, aten.select, aten.slice):
+            self.flows[node] = self.move(node, op)
+        elif op is aten.group_norm:
+            self.flows[node] = self.group_norm(node)
+        else:
+            self.pin_args(node, f"{op.__name__} (the analysis does not know it)")
+        if str(node.target).endswith("_.default") or str(node.target).endswith("_.Tensor"):
+            # An in-place op: later readers of its input see its output.
+            self.flows[node.args[0]] = self.flows.get(node)
+
+    def channelwise(self, node: Node, op) -> Optional[Flow]:
+        flow = self.flows[node.args[0]]
+        others = [a for a in node.all_input_nodes[1:] if isinstance(self.flows.get(a), Flow)]
+        if not isinstance(flow, Flow) or others:
+            self.pin_args(node, f"{op.__name__} with channels in more than its input")
+            return None
+        rank = len(_shape(node.args[0]))
+        if op in (aten.batch_norm, aten._native_batch_norm_legit_no_training):
+            if flow.dim != 1:
+                self.pin_args(node, f"{op.__name__} over another dim than the channels")
+                return None
+            for arg in node.args[1:5]:
+                if isinstance(arg, Node) and arg.name in self.fqn:
+                    self.analysis.add_slice(self.fqn[arg.name], 0, flow.ids)
+        result = self.apply_probe(node, flow, rank)
+        if result is None:
+            self.pin_args(node, f"{op.__name__} with inputs that are not model constants")
+            return None
+        if op is aten._native_batch_norm_legit_no_training:
+            return [result]
+        return result
+
+    def pool(self, node: Node, op) -> Flow:
+        flow = self.flows[node.args[0]]
+        if not isinstance(flow, Flow) or flow.dim != 1:
+            self.pin_args(node, f"{op.__name__} over the channel dim")
+            return None
+        padded = op in (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) and len(node.args) > 3 and any(node.args[3])
+        result = flow.varying() if padded else flow
+        return [result] if op is aten.max_pool2d_with_indices else result
+
+    def conv_or_linear(self, node: Node, op) -> Optional[Flow]:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        weight_fqn = self.fqn.get(getattr(weight, "name", None))
+        module_fqn = weight_fqn.rsplit(".", 1)[0] if weight_fqn and "." in weight_fqn else ""
+        module = self.modules.get(module_fqn) if weight_fqn and weight_fqn.endswith("weight") else None
+        expected = nn.Linear if op is aten.linear else _CONV_MODULES
+        flow, out_shape = self.flows.get(x), _shape(node)
+        in_shape = _shape(x)
+        w = self.tensor_of(weight)
+        known = isinstance(module, expected) and w is not None and (bias is None or isinstance(bias, Node))
+        groups = node.args[6] if op in _CONVS and len(node.args) > 6 else 1
+        channel_dim = 1 if op in _CONVS else len(out_shape) - 1
+        macs = math.prod(out_shape) * math.prod(w.shape[1:]) if w is not None else 0
+        if not known:
+            what = f"{op.__name__} of a weight that is no {'Linear' if op is aten.linear else 'Conv'}'s own"
+            if isinstance(flow, Flow):
+                self.analysis.pin(flow.ids, what)
+            self.analysis.costs.append((macs, None, None))
+            return None
+        bias_fqn = f"{module_fqn}.bias" if module_fqn else "bias"
+        depthwise = op in _CONVS and groups > 1 and groups == in_shape[1] == w.shape[0] and w.shape[1] == 1
+        if op in _CONVS and groups > 1 and not depthwise:
+            if isinstance(flow, Flow):
+                self.analysis.pin(flow.ids, f"grouped convolution {module_fqn}")
+            ids = self.producer(weight_fqn, w.shape[0])
+            self.analysis.pin(ids, f"grouped convolution {module_fqn}")
+            self.analysis.costs.append((macs, None, None))
+            return Flow(1, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
+        b = self.tensor_of(bias) if bias is not None else None
+        rows_zero = (w.reshape(w.shape[0], -1) == 0).all(1)
+        bias_value = b.detach().to(torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        if depthwise:
+            if not isinstance(flow, Flow):
+                ids = self.producer(weight_fqn, w.shape[0])
+                self.analysis.pin(ids, f"depthwise convolution {module_fqn} of the model's input")
+                flow = Flow(1, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
+            ids = flow.ids
+            self.analysis.add_slice(weight_fqn, 0, ids)
+            if b is not None:
+                self.analysis.add_slice(bias_fqn, 0, ids)
+            padding = node.args[4] if len(node.args) > 4 else 0
+            padded = isinstance(padding, str) or any(padding if isinstance(padding, (list, tuple)) else [padding])
+            sums = w.detach().reshape(w.shape[0], -1).sum(1).to(torch.float64)
+            kind = np.full(len(ids), VARYING, np.int8)
+            value = torch.zeros(len(ids), dtype=torch.float64)
+            for c in range(len(ids)):
+                if rows_zero[c] or flow.kind[c] == ZERO:
+                    value[c] = bias_value[c]
+                elif flow.kind[c] == CONST and not padded:
+                    value[c] = flow.value[c] * sums[c] + bias_value[c]
+                else:
+                    continue
+                kind[c] = ZERO if value[c] == 0 else CONST
+            self.analysis.costs.append((macs, ids, None))
+            return Flow(1, ids, kind, value)
+        # A Conv/Linear of groups 1: reads its input's channels, makes its own.
+        in_ids = None
+        if isinstance(flow, Flow):
+            if flow.dim != (1 if op in _CONVS else len(in_shape) - 1):
+                self.analysis.pin(flow.ids, f"{module_fqn} reads the channels along another dim")
+            else:
+                in_ids = flow.ids
+                padding = node.args[4] if op in _CONVS and len(node.args) > 4 else 0
+                padded = isinstance(padding, str) or any(padding if isinstance(padding, (list, tuple)) else [padding])
+                blocker = None
+                if padded:
+                    blocker = "a padded convolution"
+                elif bias_fqn in self.masked:
+                    blocker = "its bias is masked"
+                self.analysis.add_slice(weight_fqn, 1, flow.ids)
+                kind = "conv" if op in _CONVS else "linear"
+                self.analysis.reads.append(Read(module_fqn, weight_fqn, bias_fqn, kind, flow, blocker))
+        ids = self.producer(weight_fqn, w.shape[0])
+        if b is not None:
+            self.analysis.add_slice(bias_fqn, 0, ids)
+        kind = np.where(rows_zero.numpy(), np.where((bias_value == 0).numpy(), ZERO, CONST), VARYING).astype(np.int8)
+        value = torch.where(torch.from_numpy(kind == CONST), bias_value, torch.zeros_like(bias_value))
+        self.analysis.costs.append((macs, ids, in_ids))
+        return Flow(channel_dim, ids, kind, value)
+
+    def producer(self, weight_fqn: str, count: int) -> np.ndarray:
+        if weight_fqn not in self.analysis.produced:
+            ids = self.analysis.new_elements(count, weight_fqn.rsplit(".", 1)[0])
+            self.analysis.produced[weight_fqn] = ids
+            self.analysis.add_slice(weight_fqn, 0, ids)
+        return self.analysis.produced[weight_fqn]
+
+    def reshape(self, node: Node) -> Optional[Flow]:
+        flow = self.flows[node.args[0]]
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        pre, size = math.prod(in_shape[:flow.dim]), in_shape[flow.dim]
+        post = math.prod(in_shape[flow.dim + 1:])
+        for k, out_size in enumerate(out_shape):
+            outer = math.prod(out_shape[:k])
+            if out_size == 1 and size != 1 or pre % outer or out_size % (size * (pre // outer)):
+                continue
+            inner = out_size // (size * (pre // outer))
+            if post % inner == 0:
+                return flow.repeated(inner, pre // outer).with_dim(k)
+        self.pin_args(node, f"{_packet(node.target).__name__} splits or mixes the channels")
+        return None
+
+    def move(self, node: Node, op) -> Optional[Flow]:
+        flow = self.flows[node.args[0]]
+        rank = len(_shape(node.args[0]))
+        if op is aten.permute:
+            dims = [d % rank for d in node.args[1]]
+            return flow.with_dim(dims.index(flow.dim))
+        if op in (aten.transpose, aten.t):
+            a, b = (node.args[1] % rank, node.args[2] % rank) if op is aten.transpose else (0, 1)
+            return flow.with_dim(b if flow.dim == a else a if flow.dim == b else flow.dim)
+        if op is aten.expand:
+            return flow.with_dim(flow.dim + len(_shape(node)) - rank)
+        if op is aten.mean:
+            dims = [d % rank for d in (node.args[1] if len(node.args) > 1 else range(rank))]
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if flow.dim in dims:
+                self.pin_args(node, "mean over the channels")
+                return None
+            return flow if keepdim else flow.with_dim(flow.dim - sum(d < flow.dim for d in dims))
+        dim = node.args[1] % rank if len(node.args) > 1 else 0
+        if dim == flow.dim:
+            self.pin_args(node, f"{op.__name__} along the channel dim")
+            return None
+        if op is aten.select and dim < flow.dim:
+            return flow.with_dim(flow.dim - 1)
+        return flow
+
+    def binary(self, node: Node, op) -> Optional[Flow]:
+        out_rank = len(_shape(node))
+        a, b = node.args[0], node.args[1]
+        fa, fb = self.flows.get(a), self.flows.get(b)
+        fa = fa if isinstance(fa, Flow) else None
+        fb = fb if isinstance(fb, Flow) else None
+        multiply = op in (aten.mul, aten.mul_)
+        if fa is not None and fb is not None:
+            da, db = fa.dim + out_rank - len(_shape(a)), fb.dim + out_rank - len(_shape(b))
+            if da != db or len(fa.ids) != len(fb.ids) or op in (aten.div, aten.div_):
+                self.pin_args(node, f"{op.__name__} of tensors whose channels do not line up")
+                return None
+            self.analysis.unite(fa.ids, fb.ids)
+            kind = np.maximum(fa.kind, fb.kind)
+            if multiply:
+                kind = np.where((fa.kind == ZERO) | (fb.kind == ZERO), ZERO, kind)
+            with torch.no_grad():
+                value = node.target(fa.value.clone(), fb.value, *node.args[2:], **node.kwargs).to(torch.float64)
+            kind = np.where((kind == CONST) & (value == 0).numpy(), ZERO, kind).astype(np.int8)
+            value = torch.where(torch.from_numpy(kind == CONST), value, torch.zeros_like(value))
+            return Flow(da, fa.ids, kind, value)
+        flow, other = (fa, b) if fa is not None else (fb, a)
+        dim = flow.dim + out_rank - len(_shape(a if fa is not None else b))
+        other_shape = _shape(other) if isinstance(other, Node) else ()
+        aligned = dim - (out_rank - len(other_shape))
+        across = aligned >= 0 and other_shape[aligned] != 1
+        tensor = self.tensor_of(other)
+        if isinstance(other, Node) and tensor is None:
+            if across:
+                self.pin_args(node, f"{op.__name__} with a computed tensor across the channels")
+                return None
+            zero_stays = multiply or (op in (aten.div, aten.div_) and other is b)
+            result = flow.with_dim(dim).varying()
+            if not zero_stays:
+                result.kind[:] = VARYING
+            return result
+        if across:
+            self.analysis.add_slice(self.fqn[other.name], aligned, flow.ids)
+        if tensor is not None and tensor.numel() != (other_shape[aligned] if across else 1):
+            result = flow.with_dim(dim).varying()  # a constant that differs across positions
+            if not multiply:
+                result.kind[:] = VARYING
+            return result
+        probe = self.apply_probe(node, flow, len(_shape(a if fa is not None else b)))
+        return probe.with_dim(dim) if probe is not None else None
+
+    def cat(self, node: Node) -> Optional[Flow]:
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        rank = len(_shape(node))
+        dim %= rank
+        flows = [self.flows.get(p) for p in parts]
+        if all(isinstance(f, Flow) and f.dim == dim for f in flows):
+            return Flow(dim, np.concatenate([f.ids for f in flows]), np.concatenate([f.kind for f in flows]),
+                        torch.cat([f.value for f in flows]))
+        if all(isinstance(f, Flow) and f.dim == flows[0].dim != dim for f in flows):
+            for f in flows[1:]:
+                self.analysis.unite(flows[0].ids, f.ids)
+            return flows[0].varying()
+        self.pin_args(node, "cat of tensors whose channels do not line up")
+        return None
+
+    def group_norm(self, node: Node) -> Optional[Flow]:
+        flow, groups = self.flows[node.args[0]], node.args[1]
+        if flow.dim != 1:
+            self.pin_args(node, "group_norm over another dim than the channels")
+            return None
+        size = len(flow.ids) // groups
+        for g in range(groups):  # a group's channels share statistics: they go together
+            block = flow.ids[g * size:(g + 1) * size]
+            self.analysis.unite(np.repeat(block[:1], size), block)
+        for arg in node.args[2:4]:
+            if isinstance(arg, Node) and arg.name in self.fqn:
+                self.analysis.add_slice(self.fqn[arg.name], 0, flow.ids)
+        kind = flow.kind.reshape(groups, size)
+        varying = np.repeat((kind == VARYING).any(1), size)
+        result = self.apply_probe(node, flow, len(_shape(node.args[0])))
+        if result is None:
+            self.pin_args(node, "group_norm with inputs that are not model constants")
+            return None
+        result.kind = np.where(varying, VARYING, result.kind).astype(np.int8)
+        result.value = torch.where(torch.from_numpy(varying), 0.0, result.value)
+        return result
+
+
+def analyze(program, tensors: Dict[str, torch.Tensor], modules: Dict[str, nn.Module], masked: set) -> Analysis:
+    """The channel analysis of ``program`` (an ExportedProgram of a model
+    with plain tensors, in eval mode): ``tensors`` by fqn (the effective,
+    masked values), ``modules`` by fqn, ``masked`` the fqns of tensors that
+    keep a mask (a constant cannot fold into a masked bias)."""
+    return _Walker(program, tensors, modules, masked).run(program.graph)
