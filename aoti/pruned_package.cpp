@@ -14,13 +14,20 @@
 namespace sparsity::aoti {
 namespace {
 
+// The constants of one pruned tensor: its mask and the tensor it applies to.
+struct Constants {
+  std::string mask;
+  std::string original;
+};
+
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// tensor fqn -> constant fqn, from "fqn=constant;fqn=constant".
-std::map<std::string, std::string> parse_masks_metadata(const std::string& text) {
-  std::map<std::string, std::string> result;
+// tensor fqn -> its constants, from "fqn=mask,original;..." (",original"
+// may be missing: packages of earlier versions have none).
+std::map<std::string, Constants> parse_masks_metadata(const std::string& text) {
+  std::map<std::string, Constants> result;
   std::stringstream entries(text);
   std::string entry;
   while (std::getline(entries, entry, ';')) {
@@ -28,24 +35,29 @@ std::map<std::string, std::string> parse_masks_metadata(const std::string& text)
       continue;
     }
     const auto eq = entry.find('=');
-    TORCH_CHECK(eq != std::string::npos && eq > 0 && eq + 1 < entry.size(),
+    const auto comma = entry.find(',', eq == std::string::npos ? 0 : eq);
+    const auto mask_end = comma == std::string::npos ? entry.size() : comma;
+    TORCH_CHECK(eq != std::string::npos && eq > 0 && eq + 1 < mask_end && mask_end + 1 != entry.size(),
         "PrunedPackage: malformed metadata entry '", entry, "' under ", naming::kMasksMetadataKey);
-    result.emplace(entry.substr(0, eq), entry.substr(eq + 1));
+    const std::string fqn = entry.substr(0, eq);
+    const std::string original =
+        comma == std::string::npos ? fqn + naming::kOriginalSuffix : entry.substr(comma + 1);
+    result.emplace(fqn, Constants{entry.substr(eq + 1, mask_end - eq - 1), original});
   }
   return result;
 }
 
 // Without metadata: convert's naming, "<T>_mask" next to "<T>_original".
-std::map<std::string, std::string> masks_by_naming(const std::vector<std::string>& constants) {
+std::map<std::string, Constants> masks_by_naming(const std::vector<std::string>& constants) {
   const std::set<std::string> names(constants.begin(), constants.end());
-  std::map<std::string, std::string> result;
+  std::map<std::string, Constants> result;
   for (const auto& constant : constants) {
     if (!ends_with(constant, naming::kMaskSuffix)) {
       continue;
     }
     const std::string fqn = constant.substr(0, constant.size() - std::string(naming::kMaskSuffix).size());
     if (names.count(fqn + naming::kOriginalSuffix)) {
-      result.emplace(fqn, constant);
+      result.emplace(fqn, Constants{constant, fqn + naming::kOriginalSuffix});
     }
   }
   return result;
@@ -67,12 +79,12 @@ PrunedPackage::PrunedPackage(const std::string& package_path, const std::string&
   const auto by_fqn = recorded != metadata.end() ? parse_masks_metadata(recorded->second) : masks_by_naming(constants);
   // The values the compiled model starts with, by constant fqn.
   const auto values = loader_->get_runner()->extract_constants_map(/*use_inactive=*/false);
-  for (const auto& [fqn, constant] : by_fqn) {
-    const auto value = values.find(constant);
-    TORCH_CHECK(value != values.end(), "PrunedPackage: '", package_path, "' names '", constant,
+  for (const auto& [fqn, constants] : by_fqn) {
+    const auto value = values.find(constants.mask);
+    TORCH_CHECK(value != values.end(), "PrunedPackage: '", package_path, "' names '", constants.mask,
         "' as the mask of ", fqn, ", but the compiled model has no such constant (AOTInductor inlines tensors of "
         "8 or fewer elements unless compiled with always_keep_tensor_constants, as torch_sparsity.aoti.compile does)");
-    masks_.emplace(fqn, Mask{constant, value->second.clone()});
+    masks_.emplace(fqn, Mask{constants.mask, constants.original, value->second.clone()});
   }
 }
 
@@ -141,9 +153,9 @@ void PrunedPackage::set_mask(const std::string& fqn, const at::Tensor& mask) {
 
 std::optional<at::Tensor> PrunedPackage::original(const std::string& fqn) const {
   std::shared_lock<std::shared_mutex> lock(mutex_);
-  find(fqn, "original");
+  const Mask& held = find(fqn, "original");
   const auto values = loader_->get_runner()->extract_constants_map(/*use_inactive=*/false);
-  const auto it = values.find(fqn + naming::kOriginalSuffix);
+  const auto it = values.find(held.original);
   if (it == values.end()) {
     return std::nullopt;
   }

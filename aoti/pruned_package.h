@@ -32,7 +32,8 @@ namespace sparsity::aoti {
 class PrunedPackage : public torch::CustomClassHolder {
  public:
   // Metadata key under which torch_sparsity.aoti.compile records the masks:
-  // "fqn=constant;fqn=constant".
+  // "fqn=mask constant,original constant;..." (packages of earlier versions:
+  // "fqn=mask constant;...").
   static constexpr const char* kMasksMetadataKey = naming::kMasksMetadataKey;
 
   // Loads the package's model `model_name` ("model" unless the package was
@@ -59,8 +60,9 @@ class PrunedPackage : public torch::CustomClassHolder {
   void set_mask(const std::string& fqn, const at::Tensor& mask);
 
   // A copy of the tensor the mask of `fqn` applies to, as compiled into the
-  // package (its "<fqn>_original" constant), for re-pruning by magnitude;
-  // nullopt when the package has no such constant.
+  // package (the constant the metadata names, else "<fqn>_original": a
+  // tensor tied between modules is compiled under one of its names), for
+  // re-pruning by magnitude; nullopt when the package has no such constant.
   std::optional<at::Tensor> original(const std::string& fqn) const;
 
   // The package's input and output tree specs (torch.utils._pytree), for
@@ -70,6 +72,7 @@ class PrunedPackage : public torch::CustomClassHolder {
  private:
   struct Mask {
     std::string constant;  // the constant's fqn in the package
+    std::string original;  // the fqn of the constant the mask applies to
     at::Tensor value;      // what the package holds, as loaded or last set
   };
   const Mask& find(const std::string& fqn, const char* caller) const;

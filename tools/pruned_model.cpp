@@ -10,6 +10,7 @@
 
 #include <iostream>
 #include <sstream>
+#include <unordered_map>
 #include <utility>
 
 namespace sparsity_run {
@@ -115,11 +116,15 @@ class ScriptedModel : public PrunedModel {
   void squash() override {
     for (const auto& tensor : pruned_) {
       const std::string attribute = tensor.name + kSparsitySuffix;
-      if (!c10::NoneType::get()->isSubtypeOf(*tensor.owner.type()->getAttribute(attribute))) {
-        throw RunError(
-            "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
-            " is not declared Optional, so it cannot become None (models written by python -m torch_sparsity.convert "
-            "declare it so)");
+      std::vector<torch::jit::Module> owners = tensor.other_owners;
+      owners.push_back(tensor.owner);
+      for (const auto& owner : owners) {
+        if (!c10::NoneType::get()->isSubtypeOf(*owner.type()->getAttribute(attribute))) {
+          throw RunError(
+              "--squash: cannot drop the mask of " + tensor.fqn + ": its attribute " + attribute +
+              " is not declared Optional, so it cannot become None (models written by python -m "
+              "torch_sparsity.convert declare it so)");
+        }
       }
     }
     for (auto& tensor : pruned_) {
@@ -139,6 +144,9 @@ class ScriptedModel : public PrunedModel {
         }
       }
       tensor.owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
+      for (auto& owner : tensor.other_owners) {
+        owner.setattr(tensor.name + kSparsitySuffix, c10::IValue());
+      }
     }
     std::cout << "squashed " << pruned_.size() << " masks into their tensors; the model holds no masks now\n";
     pruned_.clear();
@@ -165,13 +173,23 @@ class ScriptedModel : public PrunedModel {
     std::string name;
     at::Tensor tensor;
     c10::intrusive_ptr<sparsity::MaskHolder> sparsity;
+    std::vector<torch::jit::Module> other_owners;  // the same module under later paths
   };
 
+  // A module reached by several paths holds one mask: a scripted model holds
+  // a copy of the module under each path, all with the same FakeSparsity
+  // object, and the mask goes by the first path, as in Python.
   void find_pruned_tensors() {
+    std::unordered_map<const c10::TensorImpl*, size_t> seen;
     for (const auto& module : model_.named_modules()) {
       for (const auto& attribute : module.value.named_attributes(/*recurse=*/false)) {
         auto holder = mask_holder(attribute.value);
         if (!holder || !ends_with(attribute.name, kSparsitySuffix)) {
+          continue;
+        }
+        const auto first = seen.emplace(holder->mask().unsafeGetTensorImpl(), pruned_.size());
+        if (!first.second) {
+          pruned_[first.first->second].other_owners.push_back(module.value);
           continue;
         }
         const std::string name = attribute.name.substr(0, attribute.name.size() - std::string(kSparsitySuffix).size());
@@ -186,7 +204,7 @@ class ScriptedModel : public PrunedModel {
         }
         const std::string fqn = module.name.empty() ? name : module.name + "." + name;
         fqns_.push_back(fqn);
-        pruned_.push_back({fqn, module.value, name, tensor.toTensor(), std::move(holder)});
+        pruned_.push_back({fqn, module.value, name, tensor.toTensor(), std::move(holder), {}});
       }
     }
   }

@@ -3,7 +3,9 @@
 ``compile(model, example_inputs, package_path)`` exports a model converted
 with ``convert(model, target="export")`` (or takes its ExportedProgram) and
 compiles it into a ``.pt2`` package; the masks become constants of the
-compiled model, recorded by tensor fqn in the package's metadata. By default
+compiled model, recorded by tensor fqn in the package's metadata
+(``"fqn=mask constant,original constant;..."``: the constants a tensor's mask
+and the tensor it applies to are compiled as). By default
 (``fold_masks=True``) the package folds each ``mask * T_original`` into a
 weight of its own when it is loaded and again after each ``set_mask``
 (AOTInductor's runtime constant folding), so a forward runs as the squashed
@@ -15,33 +17,31 @@ The runner is the C++ ``sparsity::aoti::PrunedPackage``
 (``torch.classes.sparsity.PrunedPackage``), which C++ programs use directly.
 """
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
 
 from . import load_library
-from .masks import masks
-from .naming import MASK_SUFFIX, MASKS_METADATA_KEY
+from .masks import exported_mask_reads, masks
+from .naming import MASKS_METADATA_KEY
 
 __all__ = ["MASKS_METADATA_KEY", "PrunedRunner", "compile", "load"]
 
 
-def _mask_constants(program: "torch.export.ExportedProgram") -> Dict[str, str]:
-    """tensor fqn -> the mask buffer's fqn, which AOTInductor names its constant by."""
-    found = masks(program)
-    signature = program.graph_signature
-    buffers = set(signature.inputs_to_buffers.values())
-    result = {}
-    for fqn in found:
-        constant = fqn + MASK_SUFFIX
-        if constant not in buffers:
+def _mask_constants(program: "torch.export.ExportedProgram") -> Dict[str, Tuple[str, str]]:
+    """tensor fqn -> the fqns of its mask buffer and of the tensor the mask
+    applies to, as the graph reads them: AOTInductor names its constants so
+    (a tensor tied between modules, or a module reached by several paths, is
+    read under one of its names only)."""
+    reads = exported_mask_reads(program)
+    for fqn in masks(program):
+        if fqn not in reads:
             raise ValueError(
-                f"torch_sparsity.aoti.compile: the mask of {fqn} is not the buffer {constant}; compile models "
-                "converted with convert(model, target='export')"
+                f"torch_sparsity.aoti.compile: the mask of {fqn} is not a buffer that the program reads through "
+                "torch.ops.sparsity.fake_sparsity; compile models converted with convert(model, target='export')"
             )
-        result[fqn] = constant
-    return result
+    return reads
 
 
 # The operators as their contract defines them, in operators that
@@ -101,7 +101,9 @@ def compile(
         })
         configs.setdefault("aot_inductor.use_runtime_constant_folding", True)
     metadata = dict(configs.pop("aot_inductor.metadata", {}) or {})
-    metadata[MASKS_METADATA_KEY] = ";".join(f"{fqn}={constant}" for fqn, constant in sorted(constants.items()))
+    metadata[MASKS_METADATA_KEY] = ";".join(
+        f"{fqn}={mask},{original}" for fqn, (mask, original) in sorted(constants.items())
+    )
     configs["aot_inductor.metadata"] = metadata
     configs.setdefault("always_keep_tensor_constants", True)
     return torch._inductor.aoti_compile_and_package(program, package_path=str(package_path), inductor_configs=configs)

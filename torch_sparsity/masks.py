@@ -2,7 +2,7 @@
 exported): ``masks`` finds the live ones, ``squash`` multiplies them into
 their tensors and drops them, and a few helpers measure and compact them."""
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -10,7 +10,9 @@ from torch import nn
 from . import load_library
 from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, SPARSITY_SUFFIX
 
-__all__ = ["compact_mask", "fake_sparsities", "mask_bytes", "masks", "squash", "storage_bytes"]
+__all__ = [
+    "compact_mask", "exported_mask_reads", "fake_sparsities", "mask_bytes", "masks", "squash", "storage_bytes",
+]
 
 
 def compact_mask(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
@@ -64,16 +66,30 @@ def _pruned_tensor_names(module, suffix: str = SPARSITY_SUFFIX) -> List[str]:
     return names
 
 
+def _first_names(found: Dict[str, object], mask_of) -> Dict[str, object]:
+    """``found`` without the entries whose mask (``mask_of(value)``) an
+    earlier entry holds: a module reached by several paths holds one mask,
+    named after the first path (a scripted model lists every path)."""
+    result, seen = {}, {}
+    for fqn, value in found.items():
+        mask = mask_of(value)
+        if id(mask) not in seen:
+            seen[id(mask)] = mask  # kept, so that no other tensor gets its id
+            result[fqn] = value
+    return result
+
+
 def fake_sparsities(model) -> Dict[str, "torch.ScriptObject"]:
     """The FakeSparsity objects of a converted model (eager or scripted), by
     the fqn of the tensor they prune (``"layer1.0.conv1.weight"``, as in
-    torch.ao.pruning). ``fake_sparsities(m)[fqn].mask`` is the live mask."""
+    torch.ao.pruning; the first path in ``named_modules()`` order where a
+    module has several). ``fake_sparsities(m)[fqn].mask`` is the live mask."""
     result = {}
     for module_fqn, module in model.named_modules():
         for name in _pruned_tensor_names(module):
             fqn = f"{module_fqn}.{name}" if module_fqn else name
             result[fqn] = getattr(module, name + SPARSITY_SUFFIX)
-    return result
+    return _first_names(result, lambda sparsity: sparsity.mask)
 
 
 _MASK_HOLDER_TYPES = (
@@ -82,21 +98,35 @@ _MASK_HOLDER_TYPES = (
 )
 
 
-def _exported_masks(program) -> Dict[str, torch.Tensor]:
-    """The masks of an ExportedProgram: the second input of every
-    ``fake_sparsity`` or ``fake_structured_sparsity`` call, by the fqn of the
-    tensor in its first input; and those of the FakeSparsity and
-    FakeStructuredSparsity objects it holds (a TorchScript-target model
-    exported for inference), by the fqn of the tensor they prune."""
-    result = {}
-    for name, constant in program.constants.items():
-        if isinstance(constant, torch.ScriptObject) and constant._type().qualified_name() in _MASK_HOLDER_TYPES:
-            if name.endswith(SPARSITY_SUFFIX):
-                result[name[: -len(SPARSITY_SUFFIX)]] = constant.mask
+def _alias_key(tensor: torch.Tensor):
+    """Equal for two tensors that are one tensor of the model: the same
+    object, or, in a program loaded from a file, the same view of one
+    storage (torch.export.load restores aliases so)."""
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() == 0:  # no data to tell it by (meta, empty)
+        return id(tensor)
+    where = (storage.data_ptr(), tensor.device, tensor.storage_offset())
+    return where + (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def exported_mask_reads(program) -> Dict[str, Tuple[str, str]]:
+    """For each ``fake_sparsity`` or ``fake_structured_sparsity`` call of an
+    ExportedProgram on a tensor and a mask buffer of the model: the pruned
+    tensor's fqn -> (the mask buffer's fqn, the tensor's fqn), both as the
+    graph reads them. The pruned tensor is named after its mask buffer
+    (``<module>.T_mask`` names ``<module>.T``): where a module is reached by
+    several paths, torch.export lists the buffer under each and reads it
+    through the last, and the name is the first, in the model's
+    ``named_modules()`` order."""
     signature = program.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     tensors = {**program.state_dict, **program.constants}
+    first = {}
+    for name in signature.inputs_to_buffers.values():  # in named_buffers() order
+        if name.endswith(MASK_SUFFIX):
+            first.setdefault(_alias_key(tensors[name]), name)
     operators = (torch.ops.sparsity.fake_sparsity.default, torch.ops.sparsity.fake_structured_sparsity.default)
+    result = {}
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target not in operators:
             continue
@@ -104,7 +134,28 @@ def _exported_masks(program) -> Dict[str, torch.Tensor]:
         x_name, mask_name = state.get(getattr(x, "name", None)), state.get(getattr(mask, "name", None))
         if x_name is None or mask_name is None:
             continue  # not a model tensor read straight from the model's state
-        fqn = x_name[: -len(ORIGINAL_SUFFIX)] if x_name.endswith(ORIGINAL_SUFFIX) else x_name
+        named = first.get(_alias_key(tensors[mask_name]))
+        if named is not None:
+            fqn = named[: -len(MASK_SUFFIX)]
+        else:  # a mask buffer of another name: the tensor names it
+            fqn = x_name[: -len(ORIGINAL_SUFFIX)] if x_name.endswith(ORIGINAL_SUFFIX) else x_name
+        result[fqn] = (mask_name, x_name)
+    return result
+
+
+def _exported_masks(program) -> Dict[str, torch.Tensor]:
+    """The masks of an ExportedProgram: those the graph reads through
+    ``fake_sparsity`` or ``fake_structured_sparsity`` (``exported_mask_reads``),
+    and those of the FakeSparsity and FakeStructuredSparsity objects it holds
+    (a TorchScript-target model exported for inference), by the fqn of the
+    tensor they prune."""
+    result = {}
+    for name, constant in program.constants.items():
+        if isinstance(constant, torch.ScriptObject) and constant._type().qualified_name() in _MASK_HOLDER_TYPES:
+            if name.endswith(SPARSITY_SUFFIX):
+                result[name[: -len(SPARSITY_SUFFIX)]] = constant.mask
+    tensors = {**program.state_dict, **program.constants}
+    for fqn, (mask_name, _) in exported_mask_reads(program).items():
         result[fqn] = tensors[mask_name]
     return result
 
@@ -114,7 +165,10 @@ def masks(obj) -> Dict[str, torch.Tensor]:
     converted model of either target, eager or scripted, or of an
     ``ExportedProgram`` made from one (a TorchScript-target model exports
     non-strict, for inference). Writing into one (``masks(m)[fqn][:8] = 0``)
-    changes the next output."""
+    changes the next output. A module reached by several paths (a shared
+    submodule) holds one mask, named after the first path in
+    ``named_modules()`` order; a tensor tied between modules has a mask per
+    module that prunes it, each named after its module."""
     if isinstance(obj, torch.export.ExportedProgram):
         return _exported_masks(obj)
     if not isinstance(obj, nn.Module):
@@ -123,7 +177,7 @@ def masks(obj) -> Dict[str, torch.Tensor]:
     for module_fqn, module in obj.named_modules():
         for name in _pruned_tensor_names(module, MASK_SUFFIX):
             result[f"{module_fqn}.{name}" if module_fqn else name] = getattr(module, name + MASK_SUFFIX)
-    return result
+    return _first_names(result, lambda mask: mask)
 
 
 def _row_view(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
@@ -159,9 +213,13 @@ def squash(model):
     multiplies as ``mask.reshape(-1, 1, ...)``, and a structured pruner's
     bias gets its pruned rows zeroed (``prune_bias``)."""
     load_library()
+    squashed = {}  # a scripted model lists a module reached by several paths under each
     for module_fqn, module in model.named_modules():
         for name in _pruned_tensor_names(module):
-            _squash_one(module, name, getattr(module, name + SPARSITY_SUFFIX).mask, torch.ops.sparsity.fake_sparsity_)
+            mask = getattr(module, name + SPARSITY_SUFFIX).mask
+            if id(mask) not in squashed:
+                squashed[id(mask)] = mask
+                _squash_one(module, name, mask, torch.ops.sparsity.fake_sparsity_)
             setattr(module, name + SPARSITY_SUFFIX, None)
         for name in _pruned_tensor_names(module, MASK_SUFFIX):
             _squash_one(module, name, getattr(module, name + MASK_SUFFIX), torch.Tensor.mul_)

@@ -180,6 +180,59 @@ def small_pruned_model(pruning="weight_norm"):
     return model
 
 
+class TiedLanguageModel(nn.Module):
+    """A tiny language model with tied embeddings: the output head's weight
+    is the embedding's very Parameter (``head.weight = emb.weight``)."""
+
+    def __init__(self, vocabulary=16, width=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocabulary, width)
+        self.head = nn.Linear(width, vocabulary, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)))
+
+
+class SharedLinearModel(nn.Module):
+    """A Linear reached by two paths (``self.a = self.b = linear``), called
+    twice, then a Linear of its own."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        linear = nn.Linear(width, width)
+        self.a = linear
+        self.b = linear
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def tied_weights_input(model):
+    """An input for TiedLanguageModel (tokens) or SharedLinearModel."""
+    if isinstance(model, TiedLanguageModel):
+        return torch.randint(0, model.emb.num_embeddings, (2, 5))
+    return torch.randn(3, model.a.in_features)
+
+
+# Pruning sources that prune_tensors applies.
+PRUNING_SOURCES = ("ao_pruning", "nn_utils_prune")
+
+
+def prune_tensors(model, fqns, source):
+    """Prunes the tensors ``fqns`` of ``model`` in place with random masks
+    (each module a mask of its own): torch.ao.pruning's FakeSparsity
+    parametrizations ("ao_pruning") or torch.nn.utils.prune
+    ("nn_utils_prune"). Returns ``model``."""
+    if source == "ao_pruning":
+        return prepare_with_masks(model, {fqn: torch.rand(model.get_parameter(fqn).shape) > 0.5 for fqn in fqns})
+    for fqn in fqns:
+        module_fqn, _, name = fqn.rpartition(".")
+        prune.random_unstructured(model.get_submodule(module_fqn), name, amount=0.5)
+    return model
+
+
 # ------------------------------------------- comparing with the pruned model
 
 
