@@ -35,8 +35,10 @@ def _held_masks(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor, torch.Te
             continue
         name = key[: -len(ORIGINAL_SUFFIX)]
         sparsity = module.__dict__.get(name + SPARSITY_SUFFIX)  # target "torchscript"
-        mask = sparsity.mask if sparsity is not None else module._buffers.get(name + MASK_SUFFIX)
-        if mask is not None:
+        mask = module._buffers.get(name + MASK_SUFFIX)  # target "export": not persistent
+        if sparsity is not None:
+            yield name, original, sparsity.mask
+        elif mask is not None and name + MASK_SUFFIX in module._non_persistent_buffers_set:
             yield name, original, mask
 
 
@@ -97,12 +99,14 @@ def load_pruned_checkpoint(module: nn.Module, state_dict, prefix: str, local_met
     """The load_state_dict pre-hook of a converted module (see the module's
     docstring). A module-level function, so that it pickles by name."""
     assign = local_metadata.get("assign_to_params_buffers", False)
+    # A persistent buffer of the module named like prune's mask is its own.
+    own = {prefix + key for key in module._buffers if key not in module._non_persistent_buffers_set}
     updates, errors = [], []
-    for name, original, live in list(_held_masks(module)):
+    for name, original, live in _held_masks(module):
         _rename_original(state_dict, prefix, name)
         for key, from_prune in ((prefix + name + PRUNE_MASK_SUFFIX, True),
                                 (f"{prefix}parametrizations.{name}.0.mask", False)):
-            if key in state_dict:
+            if key in state_dict and key not in own:
                 try:
                     updates.append(_mask_update(
                         module, name, key, state_dict.pop(key), original, live, from_prune, assign))

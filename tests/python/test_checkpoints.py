@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize, prune
 import torch_sparsity
 from sparsity_testing import assert_bitwise_equal
 from torch_sparsity.convert import convert, squash
-from torch_sparsity.sparsifiers import prune_with_weight_norm
+from torch_sparsity.sparsifiers import prepare_with_masks, prune_with_weight_norm
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -226,6 +226,26 @@ def test_round_trip_of_the_converted_models_own_state_dict(target, source):
         for fqn, mask in torch_sparsity.masks(other).items():
             mask.copy_(torch_sparsity.masks(converted)[fqn])
     assert_bitwise_equal(run(other, x), run(converted, x))
+
+
+class LinearWithWeightMask(nn.Linear):
+    """A Linear whose own persistent buffer is named like prune's mask."""
+
+    def __init__(self):
+        super().__init__(4, 3)
+        self.register_buffer("weight_mask", torch.zeros(3, 4))
+
+
+def test_a_buffer_of_the_module_named_like_prunes_mask_stays_its_own():
+    model = LinearWithWeightMask()
+    prepare_with_masks(model, {"weight": torch.rand(3, 4) > 0.5})
+    converted = convert(model)
+    mask = converted.weight_sparsity.mask.clone()
+    state = converted.state_dict()
+    state["weight_mask"] = torch.ones(3, 4)
+    converted.load_state_dict(state)
+    assert torch.equal(converted.weight_mask, torch.ones(3, 4))
+    assert_bitwise_equal(converted.weight_sparsity.mask, mask)
 
 
 @pytest.mark.parametrize("way", ["pickle", "deepcopy"])
