@@ -19,6 +19,7 @@ from torch import nn
 from . import aoti, load_library
 from .convert import ConversionError, convert
 from .masks import fake_sparsities, mask_bytes, masks, squash
+from .shrinking import ShrinkError, shrink_report
 from .sources import source_masks
 from .sparsifiers import prepare_with_masks, prune_with_weight_norm
 
@@ -115,6 +116,10 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", type=int, default=0, metavar="RUNS",
                         help="time RUNS inferences of the eager parametrized, the scripted and the squashed "
                         "scripted model (needs --input-shape)")
+    parser.add_argument("--shrink", action="store_true",
+                        help="remove the channels the masks zero (torch_sparsity.shrink, on the --input-shape input) "
+                        "and print its report; everything after (saved, compared, timed, compiled) is the shrunk "
+                        "model, compared with the masked one")
     parser.add_argument("--aoti-package", metavar="FILE",
                         help="also convert the pruned model with target='export' and compile it into an AOTInductor "
                         "package (torch_sparsity.aoti.compile) for the --input-shape input; sparsity_run reads it")
@@ -124,6 +129,8 @@ def main(argv=None) -> int:
         parser.error(f"--sparsity must be in [0, 1], got {args.sparsity}")
     if (args.save_input or args.save_output or args.benchmark or args.aoti_package) and not args.input_shape:
         parser.error("--save-input, --save-output, --benchmark and --aoti-package need --input-shape")
+    if args.shrink and not args.input_shape:
+        parser.error("--shrink needs --input-shape: it finds the channels on an input of that shape")
     if args.benchmark < 0:
         parser.error("--benchmark must be a number of runs")
     input_shape = _parse_shape(args.input_shape) if args.input_shape else None
@@ -156,8 +163,20 @@ def main(argv=None) -> int:
                 f"unexpected {result.unexpected_keys}"
             )
 
+    # Drawn here, after the model, so the seed gives the same input with or without --shrink.
+    example = torch.randn(input_shape) if input_shape else None
+    deployed = model
+    if args.shrink:
+        try:
+            report = shrink_report(model, (example,))
+        except ShrinkError as error:
+            print(f"torch_sparsity.convert: cannot shrink: {error}", file=sys.stderr)
+            return 1
+        print(report)
+        deployed = report.model
+
     try:
-        converted = convert(model, compact_masks=not args.keep_mask_dtype)
+        converted = convert(deployed, compact_masks=not args.keep_mask_dtype)
     except ConversionError as error:
         print(f"torch_sparsity.convert: cannot convert: {error}", file=sys.stderr)
         return 1
@@ -169,7 +188,6 @@ def main(argv=None) -> int:
           f"(as the sparsifier made them: {_describe_masks(source_masks(model))})")
 
     if input_shape:
-        example = torch.randn(input_shape)
         with torch.no_grad():
             eager_output = model(example)
             scripted_output = scripted(example)
@@ -188,7 +206,7 @@ def main(argv=None) -> int:
                   f"scripted with the plugin {scripted_ms:.1f} ms, scripted and squashed {squashed_ms:.1f} ms")
         if args.aoti_package:
             start = time.perf_counter()
-            exportable = convert(model, compact_masks=not args.keep_mask_dtype, target="export")
+            exportable = convert(deployed, compact_masks=not args.keep_mask_dtype, target="export")
             aoti.compile(exportable, (example,), args.aoti_package)
             print(f"AOTInductor package of the same model ({len(masks(exportable))} masks live) saved to "
                   f"{args.aoti_package} (compiled in {time.perf_counter() - start:.0f} s)")

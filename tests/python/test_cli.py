@@ -2,6 +2,7 @@
 a model from a module:callable, pruned or given masks and weights files,
 converted, checked against eager, saved, and an AOTInductor package of it."""
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.ao.pruning import WeightNormSparsifier
 
-from sparsity_testing import assert_outputs_equal, max_abs_diff
+from sparsity_testing import assert_outputs_equal, max_abs_diff, relative_diff
 from torch_sparsity import aoti
 from torch_sparsity.cli import main
 from torch_sparsity.convert import fake_sparsities
@@ -117,6 +118,7 @@ def test_command_line_masks_and_weights_files(small_factory, tmp_path, form):
         (["--benchmark", "3"], "need --input-shape"),
         (["--aoti-package", "m.pt2"], "--benchmark and --aoti-package need --input-shape"),
         (["--sparsity", "0.5", "--masks", "m.pt"], "not allowed with argument"),
+        (["--shrink"], "--shrink needs --input-shape"),
     ],
 )
 def test_command_line_bad_arguments(small_factory, tmp_path, capsys, args, message):
@@ -134,6 +136,46 @@ def test_command_line_bad_model_and_refusal(small_factory, tmp_path, capsys):
     torch.save({"1.num_batches_tracked": torch.ones((), dtype=torch.long)}, tmp_path / "masks.pt")
     assert main(["--model", small_factory, "--masks", str(tmp_path / "masks.pt"), "-o", str(tmp_path / "m.pt")]) == 1
     assert "cannot convert: module '1' (BatchNorm2d)" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def channel_masks(path):
+    """Masks that zero the conv's channels 0 to 4 (rows, bias, BatchNorm's
+    weight and bias), torch.save'd to `path`."""
+    keep = torch.arange(8) >= 5
+    torch.save({"0.weight": keep.view(8, 1, 1, 1).expand(8, 3, 3, 3).clone(), "0.bias": keep,
+                "1.weight": keep, "1.bias": keep}, path)
+
+
+def test_command_line_shrinks_and_prints_the_report(small_factory, tmp_path, capsys):
+    channel_masks(tmp_path / "masks.pt")
+    package = tmp_path / "model.pt2"
+    status = main(["--model", small_factory, "--masks", str(tmp_path / "masks.pt"), "-o", str(tmp_path / "model.pt"),
+                   "--input-shape", "2,3,6,6", "--shrink", "--save-input", str(tmp_path / "in.pt"),
+                   "--save-output", str(tmp_path / "out.pt"), "--aoti-package", str(package)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert re.search(r"^0 +8 +5 +3: ", printed, re.M), printed  # the conv's group: 8 channels, 5 removed
+    assert re.search(r"^parameters +before +\d+ +after +\d+ +ratio", printed, re.M), printed
+    assert "converted 4 pruned tensors" in printed
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    assert fake_sparsities(loaded)["0.weight"].mask.shape == (3, 3, 3, 3)
+    assert getattr(loaded, "4").weight.shape == (5, 3 * 4 * 4)
+    example, expected = torch.load(tmp_path / "in.pt"), torch.load(tmp_path / "out.pt")
+    torch.manual_seed(0)  # the command line's default seed: the same weights
+    masked = prepare_with_masks(__import__("cli_models").small_cnn().eval(), torch.load(tmp_path / "masks.pt"))
+    with torch.no_grad():
+        assert relative_diff(expected, masked(example)) == 0  # the masked model's output, not the shrunk one's
+        assert relative_diff(loaded(example), expected) <= 1e-5
+    assert relative_diff(aoti.load(package)(example), expected) <= 1e-5
+
+
+def test_command_line_shrink_refusal(small_factory, tmp_path, capsys):
+    channel_masks(tmp_path / "masks.pt")
+    status = main(["--model", small_factory, "--masks", str(tmp_path / "masks.pt"), "-o", str(tmp_path / "m.pt"),
+                   "--input-shape", "2,5,6,6", "--shrink"])
+    assert status == 1
+    assert "torch_sparsity.convert: cannot shrink: " in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
 
 
