@@ -9,6 +9,7 @@
 #include <torch/script.h>
 
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <unordered_map>
 #include <utility>
@@ -114,6 +115,7 @@ class ScriptedModel : public PrunedModel {
   // None, and the model's code then reads the tensor directly. Checked for
   // every tensor before any is changed.
   void squash() override {
+    check_untied();
     for (const auto& tensor : pruned_) {
       const std::string attribute = tensor.name + kSparsitySuffix;
       std::vector<torch::jit::Module> owners = tensor.other_owners;
@@ -179,6 +181,41 @@ class ScriptedModel : public PrunedModel {
   // A module reached by several paths holds one mask: a scripted model holds
   // a copy of the module under each path, all with the same FakeSparsity
   // object, and the mask goes by the first path, as in Python.
+  // --squash multiplies each mask into its tensor: refused where that tensor
+  // is also read under another mask or none (a tied weight), as in Python.
+  void check_untied() const {
+    std::unordered_map<const c10::TensorImpl*, std::set<const c10::TensorImpl*>> masks_reading;
+    for (const auto& tensor : pruned_) {
+      masks_reading[tensor.tensor.unsafeGetTensorImpl()];
+    }
+    for (const auto& module : model_.named_modules()) {
+      const auto read = [&](const std::string& name, const at::Tensor& value) {
+        const auto it = masks_reading.find(value.unsafeGetTensorImpl());
+        if (it == masks_reading.end()) {
+          return;
+        }
+        const std::string base = ends_with(name, kOriginalSuffix)
+            ? name.substr(0, name.size() - std::string(kOriginalSuffix).size()) : name;
+        const auto holder = module.value.hasattr(base + kSparsitySuffix)
+            ? mask_holder(module.value.attr(base + kSparsitySuffix)) : nullptr;
+        it->second.insert(holder ? holder->mask().unsafeGetTensorImpl() : nullptr);
+      };
+      for (const auto& parameter : module.value.named_parameters(/*recurse=*/false)) {
+        read(parameter.name, parameter.value);
+      }
+      for (const auto& buffer : module.value.named_buffers(/*recurse=*/false)) {
+        read(buffer.name, buffer.value);
+      }
+    }
+    for (const auto& tensor : pruned_) {
+      if (masks_reading.at(tensor.tensor.unsafeGetTensorImpl()).size() > 1) {
+        throw RunError("--squash: the tensor of " + tensor.fqn + " is tied to another module's (one tensor read "
+            "under different masks or none); squashing its mask into it would change the other's results: untie "
+            "them first");
+      }
+    }
+  }
+
   void find_pruned_tensors() {
     std::unordered_map<const c10::TensorImpl*, size_t> seen;
     for (const auto& module : model_.named_modules()) {

@@ -201,6 +201,30 @@ def _squash_one(module, name: str, mask: torch.Tensor, inplace_op) -> None:
                 module._bias[~(mask != 0)] = 0
 
 
+def _check_untied(model) -> None:
+    """Refuses a model where a pruned tensor is also read under another mask
+    or none (a tied weight, ``head.weight = emb.weight``): one product cannot
+    stand for both readers."""
+    readers = {}  # id(tensor) -> (tensor, {id(mask) or None: fqn})
+    for module_fqn, module in model.named_modules():
+        held = {name: getattr(module, name + SPARSITY_SUFFIX).mask for name in _pruned_tensor_names(module)}
+        held.update({name: getattr(module, name + MASK_SUFFIX) for name in _pruned_tensor_names(module, MASK_SUFFIX)})
+        prefix = f"{module_fqn}." if module_fqn else ""
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            pruned = name[: -len(ORIGINAL_SUFFIX)] if name.endswith(ORIGINAL_SUFFIX) else None
+            mask = held.get(pruned)
+            fqn = prefix + (pruned if mask is not None else name)
+            entry = readers.setdefault(id(tensor), (tensor, {}))
+            entry[1].setdefault(None if mask is None else id(mask), fqn)
+    for tensor, by_mask in readers.values():
+        if len(by_mask) > 1 and any(key is not None for key in by_mask):
+            names = " and ".join(sorted(by_mask.values()))
+            raise RuntimeError(
+                f"squash: {names} are one tensor (tied) read through different masks or none; multiplying a mask "
+                "into it would change the others' results: untie them first (give one a copy of the tensor)"
+            )
+
+
 def squash(model):
     """Multiplies each mask into its tensor in place and drops the masks, in a
     converted model of either target, eager or scripted. The result computes
@@ -211,8 +235,11 @@ def squash(model):
     computation and which torch.compile and AOTInductor accept (they refuse a
     custom operator that returns an alias of its input). A row mask
     multiplies as ``mask.reshape(-1, 1, ...)``, and a structured pruner's
-    bias gets its pruned rows zeroed (``prune_bias``)."""
+    bias gets its pruned rows zeroed (``prune_bias``). A pruned tensor tied
+    to another module's tensor (read there under another mask or none) is a
+    RuntimeError, before anything changes."""
     load_library()
+    _check_untied(model)
     squashed = {}  # a scripted model lists a module reached by several paths under each
     for module_fqn, module in model.named_modules():
         for name in _pruned_tensor_names(module):

@@ -103,6 +103,41 @@ def test_each_mask_changes_its_own_layer_alone(case, source, device):
                 assert_bitwise_equal(run(x), expected, f"{fqn}: {type(model).__name__}")
 
 
+def test_strict_export_names_a_shared_mask_by_the_last_path():
+    """Strict export keeps only the last path of a buffer reached by several
+    (documented in docs/end_to_end.md); the mask stays live there."""
+    eager, x, _ = pruned("shared", "ao_pruning")
+    program = torch.export.export(convert(eager, target="export"), (x,), strict=True)
+    assert sorted(torch_sparsity.masks(program)) == ["b.weight", "out.weight"]
+    mask = source_masks(eager)["a.weight"]
+    with torch.no_grad():
+        mask.copy_(new_mask(mask))
+        torch_sparsity.masks(program)["b.weight"].copy_(mask)
+        assert_bitwise_equal(program.module()(x), eager(x))
+
+
+@pytest.mark.parametrize("target", ["torchscript", "export"])
+@pytest.mark.parametrize("case", ["tied_both", "tied_emb", "tied_head"])
+def test_squash_refuses_a_tied_pruned_tensor(case, target):
+    """One product cannot stand for a tensor read under two masks, or under
+    one mask and none; nothing changes."""
+    eager, x, _ = pruned(case, "ao_pruning")
+    models = [convert(eager, target=target)]
+    if target == "torchscript":
+        models.append(torch.jit.script(convert(eager)))
+    for model in models:
+        with torch.no_grad():
+            before = model(x)
+        found = {fqn: mask.clone() for fqn, mask in torch_sparsity.masks(model).items()}
+        with pytest.raises(RuntimeError, match=r"squash: emb\.weight and head\.weight are one tensor \(tied\)"):
+            squash(model)
+        assert torch_sparsity.masks(model).keys() == found.keys()
+        for fqn, mask in torch_sparsity.masks(model).items():
+            assert torch.equal(mask, found[fqn]), fqn
+        with torch.no_grad():
+            assert_bitwise_equal(model(x), before)
+
+
 def test_squash_of_a_scripted_shared_module_applies_its_mask_once():
     """A scripted model holds a shared module under each path: squash
     multiplies its mask in once (a mask of 0.5s shows a second time)."""
@@ -122,9 +157,8 @@ def test_squash_of_a_scripted_shared_module_applies_its_mask_once():
 
 # (case, pruning source) compiled once each: every compile takes seconds.
 PACKAGES = [
-    ("tied_both", "ao_pruning"),
     ("tied_both", "nn_utils_prune"),
-    ("tied_emb", "nn_utils_prune"),  # the tie pruned on one side
+    ("tied_emb", "ao_pruning"),  # the tie pruned on one side
     ("shared", "ao_pruning"),
 ]
 
@@ -210,3 +244,13 @@ def test_sparsity_run_names_a_scripted_shared_module_once(tmp_path):
     assert re.findall(r"^  (\S+) +\[", result.stdout, re.M) == names, result.stdout
     assert f"squashed {len(names)} masks" in result.stdout
     assert "max |output - output before squashing| = 0.000e+00" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("case", ["tied_both", "tied_emb"])
+def test_sparsity_run_squash_refuses_a_tied_pruned_tensor(case, tmp_path):
+    eager, _, _ = pruned(case, "ao_pruning")
+    torch.jit.script(convert(eager)).save(str(tmp_path / "model.pt"))
+    result = sparsity_run(tmp_path / "model.pt", "--squash", "--save", tmp_path / "squashed.pt")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--squash: the tensor of emb.weight is tied to another module's" in result.stderr, result.stderr
+    assert not (tmp_path / "squashed.pt").exists()
