@@ -6,6 +6,7 @@ channel), which is what the operation computes on the real tensor. Any
 operation not known here keeps every channel it touches, and says so."""
 
 import math
+import operator
 from typing import Dict, Optional
 
 import numpy as np
@@ -72,28 +73,28 @@ class _Walker:
                 if isinstance(f, Flow):
                     self.analysis.pin(f.ids, reason)
 
-    def probe(self, flow: Flow, rank: int, dtype) -> torch.Tensor:
+    def probe(self, flow: Flow, rank: int, value) -> torch.Tensor:
         shape = [1] * rank
         shape[flow.dim] = len(flow.ids)
-        return flow.value.to(dtype).reshape(shape)
+        return flow.value.to(value.dtype).reshape(shape).to(value.device)
 
     def read_probe(self, out: torch.Tensor, flow: Flow, dim: int) -> Flow:
         """The flow after an op whose probe result is ``out`` (channels along ``dim``)."""
-        value = out.detach().movedim(dim, 0).reshape(len(flow.ids), -1)[:, 0].to(torch.float64)
+        value = out.detach().movedim(dim, 0).reshape(len(flow.ids), -1)[:, 0].to(torch.float64).cpu()
         kind = np.where(flow.kind == VARYING, VARYING, np.where((value == 0).numpy(), ZERO, CONST)).astype(np.int8)
         value = torch.where(torch.from_numpy(kind == CONST), value, torch.zeros_like(value))
         return Flow(dim, flow.ids, kind, value)
 
-    def materialize(self, arg, flow: Flow, rank: int, dtype):
+    def materialize(self, arg, flow: Flow, rank: int, like):
         if isinstance(arg, Node):
             if self.flows.get(arg) is flow:
-                return self.probe(flow, rank, dtype)
+                return self.probe(flow, rank, like)
             tensor = self.tensor_of(arg)
             if tensor is None:
                 raise LookupError(arg.name)
             return tensor
         if isinstance(arg, (list, tuple)):
-            return type(arg)(self.materialize(a, flow, rank, dtype) for a in arg)
+            return type(arg)(self.materialize(a, flow, rank, like) for a in arg)
         return arg
 
     def apply_probe(self, node: Node, flow: Flow, rank: int) -> Optional[Flow]:
@@ -102,14 +103,14 @@ class _Walker:
         value = node.meta.get("val")
         value = value[0] if isinstance(value, (list, tuple)) else value
         try:
-            args = self.materialize(node.args, flow, rank, value.dtype)
-            kwargs = {k: self.materialize(v, flow, rank, value.dtype) for k, v in node.kwargs.items()}
+            args = self.materialize(node.args, flow, rank, value)
+            kwargs = {k: self.materialize(v, flow, rank, value) for k, v in node.kwargs.items()}
             with torch.no_grad():
                 out = node.target(*args, **kwargs)
         except LookupError:
             return None
         out = out[0] if isinstance(out, (list, tuple)) else out
-        return self.read_probe(out, flow, flow.dim)
+        return self.read_probe(out, flow, flow.dim + out.dim() - rank)
 
     # -- the walk -------------------------------------------------------------
     def run(self, graph) -> Analysis:
@@ -131,7 +132,7 @@ class _Walker:
             self.flows[node] = self.conv_or_linear(node, op)
         elif not inputs:
             return  # no channels involved
-        elif node.target is getattr(__import__("operator"), "getitem"):
+        elif node.target is operator.getitem:
             flows, index = self.flows[node.args[0]], node.args[1]
             self.flows[node] = flows[index] if isinstance(flows, list) and index < len(flows) else None
         elif op in _CHANNELWISE:
@@ -149,8 +150,8 @@ class _Walker:
         elif op is aten.group_norm:
             self.flows[node] = self.group_norm(node)
         else:
-            self.pin_args(node, f"{op.__name__} (the analysis does not know it)")
-        if str(node.target).endswith("_.default") or str(node.target).endswith("_.Tensor"):
+            self.pin_args(node, f"{op} (an operation the analysis does not know)")
+        if getattr(op, "__name__", "").endswith("_") and node.args and isinstance(node.args[0], Node):
             # An in-place op: later readers of its input see its output.
             self.flows[node.args[0]] = self.flows.get(node)
 
@@ -158,19 +159,19 @@ class _Walker:
         flow = self.flows[node.args[0]]
         others = [a for a in node.all_input_nodes[1:] if isinstance(self.flows.get(a), Flow)]
         if not isinstance(flow, Flow) or others:
-            self.pin_args(node, f"{op.__name__} with channels in more than its input")
+            self.pin_args(node, f"{op} with channels in more than its input")
             return None
         rank = len(_shape(node.args[0]))
         if op in (aten.batch_norm, aten._native_batch_norm_legit_no_training):
             if flow.dim != 1:
-                self.pin_args(node, f"{op.__name__} over another dim than the channels")
+                self.pin_args(node, f"{op} over another dim than the channels")
                 return None
             for arg in node.args[1:5]:
                 if isinstance(arg, Node) and arg.name in self.fqn:
                     self.analysis.add_slice(self.fqn[arg.name], 0, flow.ids)
         result = self.apply_probe(node, flow, rank)
         if result is None:
-            self.pin_args(node, f"{op.__name__} with inputs that are not model constants")
+            self.pin_args(node, f"{op} with inputs that are not model constants")
             return None
         if op is aten._native_batch_norm_legit_no_training:
             return [result]
@@ -179,7 +180,7 @@ class _Walker:
     def pool(self, node: Node, op) -> Flow:
         flow = self.flows[node.args[0]]
         if not isinstance(flow, Flow) or flow.dim != 1:
-            self.pin_args(node, f"{op.__name__} over the channel dim")
+            self.pin_args(node, f"{op} over the channel dim")
             return None
         padded = op in (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) and len(node.args) > 3 and any(node.args[3])
         result = flow.varying() if padded else flow
@@ -188,9 +189,9 @@ class _Walker:
     def conv_or_linear(self, node: Node, op) -> Optional[Flow]:
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        weight_fqn = self.fqn.get(getattr(weight, "name", None))
-        module_fqn = weight_fqn.rsplit(".", 1)[0] if weight_fqn and "." in weight_fqn else ""
-        module = self.modules.get(module_fqn) if weight_fqn and weight_fqn.endswith("weight") else None
+        weight_fqn = self.fqn.get(getattr(weight, "name", None)) or ""
+        module_fqn, _, name = weight_fqn.rpartition(".")
+        module = self.modules.get(module_fqn) if name == "weight" else None
         expected = nn.Linear if op is aten.linear else _CONV_MODULES
         flow, out_shape = self.flows.get(x), _shape(node)
         in_shape = _shape(x)
@@ -200,11 +201,15 @@ class _Walker:
         channel_dim = 1 if op in _CONVS else len(out_shape) - 1
         macs = math.prod(out_shape) * math.prod(w.shape[1:]) if w is not None else 0
         if not known:
-            what = f"{op.__name__} of a weight that is no {'Linear' if op is aten.linear else 'Conv'}'s own"
+            what = f"{op} of {weight_fqn or 'a computed weight'}, no {'Linear' if op is aten.linear else 'Conv'}'s own weight"
             if isinstance(flow, Flow):
                 self.analysis.pin(flow.ids, what)
             self.analysis.costs.append((macs, None, None))
-            return None
+            if w is None:
+                return None
+            ids = self.producer(weight_fqn or node.name, w.shape[0], slice_weight=False)
+            self.analysis.pin(ids, what)
+            return Flow(channel_dim, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
         bias_fqn = f"{module_fqn}.bias" if module_fqn else "bias"
         depthwise = op in _CONVS and groups > 1 and groups == in_shape[1] == w.shape[0] and w.shape[1] == 1
         if op in _CONVS and groups > 1 and not depthwise:
@@ -215,8 +220,8 @@ class _Walker:
             self.analysis.costs.append((macs, None, None))
             return Flow(1, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
         b = self.tensor_of(bias) if bias is not None else None
-        rows_zero = (w.reshape(w.shape[0], -1) == 0).all(1)
-        bias_value = b.detach().to(torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        rows_zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
+        bias_value = b.detach().to(torch.float64).cpu() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
         if depthwise:
             if not isinstance(flow, Flow):
                 ids = self.producer(weight_fqn, w.shape[0])
@@ -228,7 +233,7 @@ class _Walker:
                 self.analysis.add_slice(bias_fqn, 0, ids)
             padding = node.args[4] if len(node.args) > 4 else 0
             padded = isinstance(padding, str) or any(padding if isinstance(padding, (list, tuple)) else [padding])
-            sums = w.detach().reshape(w.shape[0], -1).sum(1).to(torch.float64)
+            sums = w.detach().reshape(w.shape[0], -1).sum(1).to(torch.float64).cpu()
             kind = np.full(len(ids), VARYING, np.int8)
             value = torch.zeros(len(ids), dtype=torch.float64)
             for c in range(len(ids)):
@@ -266,11 +271,13 @@ class _Walker:
         self.analysis.costs.append((macs, ids, in_ids))
         return Flow(channel_dim, ids, kind, value)
 
-    def producer(self, weight_fqn: str, count: int) -> np.ndarray:
+    def producer(self, weight_fqn: str, count: int, slice_weight: bool = True) -> np.ndarray:
         if weight_fqn not in self.analysis.produced:
-            ids = self.analysis.new_elements(count, weight_fqn.rsplit(".", 1)[0])
+            name = weight_fqn.rsplit(".", 1)[0] if slice_weight else weight_fqn
+            ids = self.analysis.new_elements(count, name)
             self.analysis.produced[weight_fqn] = ids
-            self.analysis.add_slice(weight_fqn, 0, ids)
+            if slice_weight:
+                self.analysis.add_slice(weight_fqn, 0, ids)
         return self.analysis.produced[weight_fqn]
 
     def reshape(self, node: Node) -> Optional[Flow]:
@@ -285,7 +292,7 @@ class _Walker:
             inner = out_size // (size * (pre // outer))
             if post % inner == 0:
                 return flow.repeated(inner, pre // outer).with_dim(k)
-        self.pin_args(node, f"{_packet(node.target).__name__} splits or mixes the channels")
+        self.pin_args(node, f"{_packet(node.target)} splits or mixes the channels")
         return None
 
     def move(self, node: Node, op) -> Optional[Flow]:
@@ -308,7 +315,7 @@ class _Walker:
             return flow if keepdim else flow.with_dim(flow.dim - sum(d < flow.dim for d in dims))
         dim = node.args[1] % rank if len(node.args) > 1 else 0
         if dim == flow.dim:
-            self.pin_args(node, f"{op.__name__} along the channel dim")
+            self.pin_args(node, f"{op} along the channel dim")
             return None
         if op is aten.select and dim < flow.dim:
             return flow.with_dim(flow.dim - 1)
@@ -324,7 +331,7 @@ class _Walker:
         if fa is not None and fb is not None:
             da, db = fa.dim + out_rank - len(_shape(a)), fb.dim + out_rank - len(_shape(b))
             if da != db or len(fa.ids) != len(fb.ids) or op in (aten.div, aten.div_):
-                self.pin_args(node, f"{op.__name__} of tensors whose channels do not line up")
+                self.pin_args(node, f"{op} of tensors whose channels do not line up")
                 return None
             self.analysis.unite(fa.ids, fb.ids)
             kind = np.maximum(fa.kind, fb.kind)
@@ -343,8 +350,10 @@ class _Walker:
         tensor = self.tensor_of(other)
         if isinstance(other, Node) and tensor is None:
             if across:
-                self.pin_args(node, f"{op.__name__} with a computed tensor across the channels")
-                return None
+                self.pin_args(node, f"{op} with a computed tensor across the channels")
+                result = flow.with_dim(dim).varying()
+                result.kind[:] = VARYING
+                return result
             zero_stays = multiply or (op in (aten.div, aten.div_) and other is b)
             result = flow.with_dim(dim).varying()
             if not zero_stays:
@@ -368,11 +377,19 @@ class _Walker:
         if all(isinstance(f, Flow) and f.dim == dim for f in flows):
             return Flow(dim, np.concatenate([f.ids for f in flows]), np.concatenate([f.kind for f in flows]),
                         torch.cat([f.value for f in flows]))
-        if all(isinstance(f, Flow) and f.dim == flows[0].dim != dim for f in flows):
-            for f in flows[1:]:
-                self.analysis.unite(flows[0].ids, f.ids)
-            return flows[0].varying()
-        self.pin_args(node, "cat of tensors whose channels do not line up")
+        tracked = [f for f in flows if isinstance(f, Flow)]
+        first = tracked[0]
+        if all(f.dim == first.dim != dim and len(f.ids) == len(first.ids) for f in tracked):
+            for f in tracked[1:]:
+                self.analysis.unite(first.ids, f.ids)
+            if len(tracked) == len(flows):
+                return first.varying()
+            # The other parts (a class token, say) hold these channels too.
+            self.analysis.pin(first.ids, "cat with a tensor whose channels the analysis does not follow")
+            result = first.varying()
+            result.kind[:] = VARYING
+            return result
+        self.pin_args(node, "cat with a tensor whose channels the analysis does not follow")
         return None
 
     def group_norm(self, node: Node) -> Optional[Flow]:

@@ -110,12 +110,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
         for fqn, plan in all_plans.items():
             module = modules[fqn]
             row_mask = None
+            if parametrize.is_parametrized(module):
+                row_mask = _plain_parametrized(module)
             for pruned in plan:
-                if pruned.source == PARAMETRIZATION:
-                    if pruned.row and pruned.name == "weight":
-                        row_mask = module.parametrizations.weight[0].mask.clone()
-                    parametrize.remove_parametrizations(module, pruned.name, leave_parametrized=True)
-                else:
+                if pruned.source != PARAMETRIZATION:
                     module.__dict__.pop(pruned.name, None)
                     original = getattr(module, pruned.name + PRUNE_ORIG_SUFFIX)
                     mask = getattr(module, pruned.name + PRUNE_MASK_SUFFIX)
@@ -137,6 +135,24 @@ def plain_copy(model: nn.Module) -> nn.Module:
                         module.register_buffer(name, value)
                 _plain_bias(module, row_mask)
     return plain
+
+
+def _plain_parametrized(module: nn.Module):
+    """Each parametrized tensor becomes a plain one holding its value; returns
+    the weight's row mask, if any. (parametrize.remove_parametrizations would
+    change the parametrized class, which the model's copies share.)"""
+    plists = module.parametrizations
+    row_mask = plists["weight"][0].mask.clone() if "weight" in plists and plists["weight"][0].mask.dim() == 1 else None
+    values = {name: (getattr(module, name).detach().clone(), "original" in plist._parameters)
+              for name, plist in plists.items()}
+    module.__class__ = parametrize.type_before_parametrizations(module)
+    del module._modules["parametrizations"]
+    for name, (value, is_parameter) in values.items():
+        if is_parameter:
+            module.register_parameter(name, nn.Parameter(value))
+        else:
+            module.register_buffer(name, value)
+    return row_mask
 
 
 def _plain_bias(module: nn.Module, row_mask) -> None:

@@ -62,12 +62,13 @@ class ShrinkReport:
     after: Cost
 
     def __str__(self) -> str:
-        lines = ["channel group                            channels  removed  kept because"]
+        width = max([len(g.producers[0]) + 8 for g in self.groups] + [13])
+        lines = [f"{'channel group':<{width}} channels  removed  kept because"]
         for group in self.groups:
-            name = ", ".join(group.producers)
-            name = name if len(name) <= 40 else name[:37] + "..."
+            others = len(group.producers) - 1
+            name = group.producers[0] + (f" (+{others})" if others else "")
             reasons = "; ".join(f"{count}: {reason}" for reason, count in group.kept.items())
-            lines.append(f"{name:<40} {group.channels:>8} {group.removed:>8}  {reasons}")
+            lines.append(f"{name:<{width}} {group.channels:>8} {group.removed:>8}  {reasons}")
         for label, key in (("parameters", "parameters"), ("multiply-adds", "multiply_adds"), ("bytes", "bytes")):
             before, after = getattr(self.before, key), getattr(self.after, key)
             ratio = f"{after / before:.3f}" if before else "-"
@@ -146,7 +147,7 @@ def _folds(analysis: Analysis, removed: set, tensors: Dict[str, torch.Tensor]) -
         columns = [i for i, root in enumerate(roots.tolist()) if root in removed and read.flow.kind[i] == CONST]
         if not columns:
             continue
-        weight = tensors[read.weight].detach().to(torch.float64)
+        weight = tensors[read.weight].detach().to(torch.float64).cpu()
         index = torch.tensor(columns)
         values = read.flow.value[index]
         w = weight.index_select(1, index)
