@@ -10,9 +10,7 @@ from torch import nn
 from . import load_library
 from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, SPARSITY_SUFFIX
 
-__all__ = [
-    "compact_mask", "exported_mask_reads", "fake_sparsities", "mask_bytes", "masks", "squash", "storage_bytes",
-]
+__all__ = ["compact_mask", "fake_sparsities", "mask_bytes", "masks", "squash", "storage_bytes"]
 
 
 def compact_mask(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
@@ -115,9 +113,9 @@ def exported_mask_reads(program) -> Dict[str, Tuple[str, str]]:
     tensor's fqn -> (the mask buffer's fqn, the tensor's fqn), both as the
     graph reads them. The pruned tensor is named after its mask buffer
     (``<module>.T_mask`` names ``<module>.T``): where a module is reached by
-    several paths, torch.export lists the buffer under each and reads it
-    through the last, and the name is the first, in the model's
-    ``named_modules()`` order."""
+    several paths, non-strict torch.export lists the buffer under each and
+    reads it through the last, and the name is the first, in the model's
+    ``named_modules()`` order (strict export keeps the last alone)."""
     signature = program.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     tensors = {**program.state_dict, **program.constants}
@@ -165,10 +163,10 @@ def masks(obj) -> Dict[str, torch.Tensor]:
     converted model of either target, eager or scripted, or of an
     ``ExportedProgram`` made from one (a TorchScript-target model exports
     non-strict, for inference). Writing into one (``masks(m)[fqn][:8] = 0``)
-    changes the next output. A module reached by several paths (a shared
-    submodule) holds one mask, named after the first path in
-    ``named_modules()`` order; a tensor tied between modules has a mask per
-    module that prunes it, each named after its module."""
+    changes the next output. A mask is listed once: a module reached by
+    several paths (a shared submodule) holds one, named after the first path
+    in ``named_modules()`` order; a tensor tied between modules has a mask
+    per module that prunes it, each named after its module."""
     if isinstance(obj, torch.export.ExportedProgram):
         return _exported_masks(obj)
     if not isinstance(obj, nn.Module):
