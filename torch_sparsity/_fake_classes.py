@@ -36,8 +36,44 @@ class _FakeMaskHolder:
     def get_mask(self) -> torch.Tensor:
         return self.mask
 
+    def mask_getter(self) -> torch.Tensor:
+        return self.mask
+
     def state_dict(self):
         return {}
+
+    # Every method of the real class has a counterpart here: torch logs a
+    # warning per missing method each time it fakes an object.
+
+    # The traced graph calls the real object's method; these return nothing.
+    def update_mask(self, mask: torch.Tensor) -> None:
+        pass
+
+    def follow_dtype(self, x: torch.Tensor) -> None:
+        if x.is_floating_point() and self.mask.is_floating_point():
+            self.mask = self.mask.to(x.dtype)
+
+    def set_cache_enabled(self, enabled: bool) -> None:
+        pass
+
+    def clear_cache(self) -> None:
+        pass
+
+    # Tracing would record these answers as constants, true of the trace only.
+    def sparsity_level(self):
+        self._refuse("sparsity_level")
+
+    def cache_enabled(self):
+        self._refuse("cache_enabled")
+
+    def cache_hits(self):
+        self._refuse("cache_hits")
+
+    def _refuse(self, method: str):
+        raise RuntimeError(
+            f"torch.classes.sparsity.{self._class_name}.{method}: torch.export and torch.compile would record its "
+            "answer at trace time as a constant; call it outside the traced code"
+        )
 
 
 def _register(qualified_name: str):
