@@ -68,6 +68,8 @@ def test_one_name_per_pruned_tensor_everywhere(case, source):
     scripted = torch.jit.script(convert(eager))
     converted = convert(eager, target="export")
     programs = exported(converted, x)
+    with torch.no_grad():  # the FakeSparsity objects export for inference
+        programs += (torch.export.export(convert(eager), (x,), strict=False),)
     if not case.startswith("shared"):
         # Strict export keeps one name of a buffer reached by several paths,
         # the last: a shared submodule's mask is named so there.
