@@ -130,17 +130,29 @@ std::unique_lock<std::shared_mutex> MaskHolder::lock_mask_for_writing() {
   return std::unique_lock<std::shared_mutex>(mask_mutex_);
 }
 
-void MaskHolder::move_mask_to(const c10::Device& device) {
+void MaskHolder::convert_mask(std::optional<c10::Device> to_device, std::optional<at::ScalarType> to_dtype) {
   auto writing = lock_mask_for_writing();
-  if (mask_.device() == device) {
+  const c10::Device device = to_device.value_or(mask_.device());
+  const at::ScalarType dtype = to_dtype.value_or(mask_.scalar_type());
+  if (mask_.device() == device && mask_.scalar_type() == dtype) {
     return;
   }
   // set_data swaps the storage under the same TensorImpl, as nn.Module.to
   // does for parameters: whoever holds the mask keeps holding it.
   c10::AutoGradMode no_grad(false);
-  mask_.set_data(mask_.to(device));
+  mask_.set_data(mask_.to(device, dtype));
   std::lock_guard<std::mutex> lock(cache_mutex_);
   cache_.reset();
+}
+
+void MaskHolder::follow_dtype(const at::Tensor& x) {
+  auto reading = lock_mask_for_reading();
+  // (An undefined x is not floating: forward says what is wrong with it.)
+  if (!x.is_floating_point() || !mask_.is_floating_point() || mask_.scalar_type() == x.scalar_type()) {
+    return;
+  }
+  reading.unlock();
+  convert_mask(std::nullopt, x.scalar_type());
 }
 
 at::Tensor MaskHolder::forward(const at::Tensor& x) {
@@ -154,7 +166,7 @@ at::Tensor MaskHolder::forward(const at::Tensor& x) {
       return kind_.apply(x, mask_.to(x.device()));
     }
     reading.unlock();
-    move_mask_to(x.device());
+    convert_mask(x.device(), std::nullopt);
     reading = lock_mask_for_reading();
     // (Had another thread moved it elsewhere meanwhile, the operator's
     // device check would say so.)
@@ -365,6 +377,7 @@ void define_mask_class(torch::Library& m, const char* name) {
       .def(torch::init<at::Tensor>())
       .def("forward", [](Self self, const at::Tensor& x) { return self->forward(x); })
       .def("update_mask", [](Self self, const at::Tensor& mask) { self->update_mask(mask); })
+      .def("follow_dtype", [](Self self, const at::Tensor& x) { self->follow_dtype(x); })
       .def("state_dict", [](Self self) { return self->state_dict(); })
       .def("sparsity_level", [](Self self) { return self->sparsity_level(); })
       .def("get_mask", [](Self self) { return self->mask(); })

@@ -55,15 +55,22 @@ class MaskHolder : public torch::CustomClassHolder {
   // (.data, .numpy(), storage-level writes), to x, the mask or a result,
   // are not seen: call clear_cache() after them, or turn the cache off.
   //
-  // Threads: forward, update_mask and the device move of the mask are
-  // synchronized. A forward concurrent with update_mask computes with the
-  // old mask or the new one, whole, never a mix. In-place edits of the
-  // tensor mask() returns are not synchronized (as writing any tensor that
-  // another thread reads): a forward concurrent with one may read a mix.
+  // Threads: forward, update_mask and the device and dtype moves of the
+  // mask are synchronized. A forward concurrent with update_mask computes
+  // with the old mask or the new one, whole, never a mix. In-place edits of
+  // the tensor mask() returns are not synchronized (as writing any tensor
+  // that another thread reads): a forward concurrent with one may read a mix.
   at::Tensor forward(const at::Tensor& x);
 
   // The very tensor held: in-place edits of it change later forwards.
   at::Tensor mask() const;
+
+  // A floating mask takes x's floating dtype, keeping its identity, as
+  // nn.Module.to(dtype) converts floating buffers; bool and uint8 masks stay.
+  // The generated getters of a scripted module call it before forward: a
+  // scripted module's .half() or .to(dtype) (Python or C++) converts its
+  // parameters and buffers, but nothing converts the held mask.
+  void follow_dtype(const at::Tensor& x);
 
   // Copies m into the held mask in place; on error nothing changes.
   void update_mask(const at::Tensor& m);
@@ -129,14 +136,16 @@ class MaskHolder : public torch::CustomClassHolder {
 
   std::shared_lock<std::shared_mutex> lock_mask_for_reading() const;
   std::unique_lock<std::shared_mutex> lock_mask_for_writing();
-  void move_mask_to(const c10::Device& device);
+  // The held mask moved to that device and dtype (none: its own), keeping
+  // its identity.
+  void convert_mask(std::optional<c10::Device> device, std::optional<at::ScalarType> dtype);
   void check_mask(const char* where, const at::Tensor& mask) const;
 
   const Kind& kind_;
   at::Tensor mask_;
   // Readers of the mask's values (forward, get_state, sparsity_level) hold
-  // it shared; update_mask and the device move hold it exclusively. Taken
-  // before cache_mutex_ when both are held.
+  // it shared; update_mask and the device and dtype moves hold it
+  // exclusively. Taken before cache_mutex_ when both are held.
   mutable std::shared_mutex mask_mutex_;
   // Readers pass through it before taking mask_mutex_, and a writer holds it
   // while it waits for mask_mutex_: glibc's rwlock prefers readers, so

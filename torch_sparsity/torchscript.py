@@ -31,17 +31,22 @@ def _register_source(filename: str, source: str) -> None:
 
 def _masked_getter(name: str):
     """The getter of property ``name``: TorchScript's getattr needs a literal
-    attribute name, so the getter's source is generated for each name."""
+    attribute name, so the getter's source is generated for each name.
+    Scripted, it first gives a floating mask the tensor's floating dtype
+    (``follow_dtype``): a scripted module's ``.half()`` cannot reach the mask
+    (eager, ``_apply_to_masks`` converts it)."""
     if name not in _getters:
         source = (
             f"def {name}(self):\n"
             f"    sparsity = self.{name}{SPARSITY_SUFFIX}\n"
             f"    if sparsity is None:\n"
             f"        return self.{name}{ORIGINAL_SUFFIX}\n"
+            f"    if torch.jit.is_scripting():\n"
+            f"        sparsity.follow_dtype(self.{name}{ORIGINAL_SUFFIX})\n"
             f"    return sparsity.forward(self.{name}{ORIGINAL_SUFFIX})\n"
         )
         filename = f"<torch_sparsity.torchscript: getter of {name}>"
-        namespace = {"__name__": __name__}
+        namespace = {"__name__": __name__, "torch": torch}
         exec(compile(source, filename, "exec"), namespace)
         _getters[name] = namespace[name]
         _getter_sources[name] = (filename, source)
@@ -72,6 +77,7 @@ def sparse_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
             # pickle cannot find a class made by type() by its name: it
             # records how to make it again instead.
             "__reduce_ex__": lambda self, protocol: (_rebuild, (base, names), self.__getstate__()),
+            "_apply": lambda self, fn, recurse=True: _apply_to_masks(base._apply(self, fn, recurse), fn, names),
         }
         for name, row in names:
             holder = torch.classes.sparsity.FakeStructuredSparsity if row else torch.classes.sparsity.FakeSparsity
@@ -86,6 +92,21 @@ def sparse_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
     for name, _ in names:
         _masked_getter(name)  # registers the source again if linecache was cleared
     return _sparse_classes[key]
+
+
+def _apply_to_masks(module: torch.nn.Module, fn, names: Tuple[Tuple[str, bool], ...]) -> torch.nn.Module:
+    """What nn.Module._apply (``.to()``, ``.half()``, ``.cuda()``...) does to
+    buffers, done to the held masks: ``fn`` decides (``.half()`` converts
+    floating masks only), and the mask keeps its identity, as parameters do."""
+    for name, _ in names:
+        sparsity = getattr(module, name + SPARSITY_SUFFIX)
+        if sparsity is not None:
+            mask = sparsity.mask
+            with torch.no_grad():
+                applied = fn(mask)
+            if applied is not mask:
+                mask.data = applied
+    return module
 
 
 def _rebuild(base: type, names: Tuple[Tuple[str, bool], ...]) -> torch.nn.Module:
