@@ -21,6 +21,7 @@ A converted model pickles whole (``torch.save``, ``pickle``,
 
 import copy
 import sys
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -140,15 +141,49 @@ def _replace_bias_hook(module: nn.Module, pruned: PrunedTensor, target: str) -> 
     module.register_forward_hook(hook)
 
 
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def _scripts(module: nn.Module, hooks: Dict[str, dict]) -> bool:
+    """Whether TorchScript compiles a shallow copy of ``module`` that has
+    only ``hooks`` (by hook table)."""
+    trial = copy.copy(module)
+    for table in _HOOK_TABLES:
+        setattr(trial, table, OrderedDict(hooks.get(table, {})))
+    try:
+        torch.jit.script(trial)
+    except Exception:  # TorchScript raises several exception types
+        return False
+    return True
+
+
+def _unscriptable_hooks(module: nn.Module) -> List[str]:
+    """The forward hooks and pre-hooks TorchScript cannot compile, where the
+    module compiles without them (TorchScript compiles hooks with the module)."""
+    if not _scripts(module, {}):
+        return []
+    return [
+        getattr(hook, "__qualname__", repr(hook))
+        for table in _HOOK_TABLES
+        for key, hook in getattr(module, table).items()
+        if not _scripts(module, {table: {key: hook}})
+    ]
+
+
 def _check_scriptable(converted: Dict[type, Tuple[str, nn.Module]]) -> None:
     for fqn, module in converted.values():
         try:
             torch.jit.script(module)
         except Exception as error:  # TorchScript raises several exception types
             where = f"module '{fqn}'" if fqn else "the model itself"
+            hooks = _unscriptable_hooks(module)
+            cause = (
+                f"its hooks {hooks} (remove them before scripting, or convert with target='export')"
+                if hooks
+                else "it (does its forward read a pruned tensor other than as self.<name>?)"
+            )
             raise ConversionError(
-                f"{where} ({type(module).__name__}) was converted, but TorchScript cannot compile it "
-                f"(does its forward read a pruned tensor other than as self.<name>?): {error}"
+                f"{where} ({type(module).__name__}) was converted, but TorchScript cannot compile {cause}: {error}"
             ) from None
 
 

@@ -30,6 +30,15 @@ class ReadsWeightByName(nn.Module):
         return x @ getattr(self, "wei" + "ght")
 
 
+def halves_with_a_set(module, inputs):
+    """Unscriptable: TorchScript has no sets."""
+    return (inputs[0] / len({1, 2}),)
+
+
+def doubles_with_a_set(module, inputs, output):
+    return output * len({1, 2})
+
+
 def _refusal_cases():
     def other_parametrization():
         model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3)))
@@ -74,7 +83,16 @@ def _refusal_cases():
     def unscriptable():
         model = nn.Sequential(nn.Linear(3, 3), ReadsWeightByName())
         prepare_with_masks(model, {"1.weight": torch.ones(3, 3)})
-        return model, "module '1' (ReadsWeightByName) was converted, but TorchScript cannot compile it"
+        return model, ("module '1' (ReadsWeightByName) was converted, but TorchScript cannot compile it (does its "
+                       "forward read a pruned tensor other than as self.<name>?)")
+
+    def unscriptable_hooks():
+        model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        model[1].register_forward_pre_hook(halves_with_a_set)
+        model[1].register_forward_hook(doubles_with_a_set)
+        prepare_with_masks(model, {"1.weight": torch.ones(3, 3)})
+        return model, ("module '1' (Linear) was converted, but TorchScript cannot compile its hooks "
+                       "['halves_with_a_set', 'doubles_with_a_set'] (remove them before scripting")
 
     def root_other_parametrization():
         model = nn.Linear(3, 3)
@@ -82,7 +100,7 @@ def _refusal_cases():
         return model, "the model itself (Linear): tensor 'bias' has the parametrizations ['Double']"
 
     return {f.__name__: f for f in [other_parametrization, two_masks, structured_and_another, integer_tensor, name_taken,
-                                    bad_mask_dtype, recurrent, unscriptable, root_other_parametrization]}
+                                    bad_mask_dtype, recurrent, unscriptable, unscriptable_hooks, root_other_parametrization]}
 
 
 @pytest.mark.parametrize("case", list(_refusal_cases()))
@@ -93,7 +111,7 @@ def test_refusals_name_the_module_and_why(case):
         convert(model, inplace=True)
     # Refused before anything changed (except for a module TorchScript
     # refuses, which is only found once converted).
-    if case != "unscriptable":
+    if case not in ("unscriptable", "unscriptable_hooks"):
         assert any(parametrize.is_parametrized(m) for m in model.modules())
         assert model.state_dict().keys() == state.keys()
 
