@@ -30,7 +30,8 @@ def _net():
 def _masks(values):
     """Masks for the conv and linear weights and the linear bias, made by
     `values(shape)`."""
-    return {name: values(shape) for name, shape in [("0.weight", (4, 3, 3, 3)), ("4.weight", (6, 144)), ("4.bias", (6,))]}
+    shapes = {"0.weight": (4, 3, 3, 3), "4.weight": (6, 144), "4.bias": (6,)}
+    return {name: values(shape) for name, shape in shapes.items()}
 
 
 def _ao(values):
@@ -39,7 +40,8 @@ def _ao(values):
 
 def _float_rows():
     model = _net()
-    parametrize.register_parametrization(model[4], "weight", FakeStructuredSparsity(torch.tensor([1.0, 0.0, 0.3, 1.7, 1.0, 0.0])))
+    rows = torch.tensor([1.0, 0.0, 0.3, 1.7, 1.0, 0.0])
+    parametrize.register_parametrization(model[4], "weight", FakeStructuredSparsity(rows))
     return model
 
 
@@ -166,6 +168,19 @@ def test_to_device_and_dtype(device):
             back = model.to("cpu", torch.float32)(x)
         assert_bitwise_equal(there, expected_there, f"{type(model).__name__} on {device}, float16")
         assert_bitwise_equal(back, expected_back, f"{type(model).__name__} back on the CPU, float32")
+
+
+def test_scripted_model_converted_as_cpp_does():
+    # C++'s Module::to(dtype) swaps the data of each parameter and buffer
+    # (set_data), as `.data =` does here; the masks follow at the forward.
+    eager = _made(SOURCES["ao_scaling"][0])
+    loaded = next(m for form, m in _forms(SOURCES["ao_scaling"][0], {}, "torchscript") if form == "loaded")
+    for tensor in list(loaded.parameters()) + list(loaded.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.half()
+    x = _input().half()
+    with torch.no_grad():
+        assert_bitwise_equal(loaded(x), eager.half()(x))
 
 
 def test_follow_dtype():
