@@ -123,6 +123,12 @@ class _Walker:
                     for f in flow if isinstance(flow, list) else [flow]:
                         if isinstance(f, Flow):
                             self.analysis.pin(f.ids, "it reaches the model's output")
+        calls = {}
+        for read in self.analysis.reads:
+            calls[read.module] = calls.get(read.module, 0) + 1
+        for read in self.analysis.reads:
+            if calls[read.module] > 1:  # a bias that one call's constant would change for every call
+                read.fold_blocker = "it is called more than once"
         return self.analysis
 
     def call(self, node: Node) -> None:

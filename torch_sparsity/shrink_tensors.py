@@ -238,8 +238,10 @@ def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
     try:
         holder, key, masks = _locate(module, "bias")
     except KeyError:
-        module.bias = nn.Parameter(torch.zeros_like(delta))
+        weight = _get(*_locate(module, "weight")[:2])
+        module.bias = nn.Parameter(torch.zeros(delta.shape, dtype=weight.dtype, device=weight.device))
         holder, key, masks = module, "bias", []
     assert not masks, "a masked bias takes no fold"
     with torch.no_grad():
-        _get(holder, key).add_(delta.to(_get(holder, key).dtype))
+        bias = _get(holder, key)
+        bias.add_(delta.to(bias.dtype).to(bias.device))

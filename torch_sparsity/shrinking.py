@@ -12,7 +12,7 @@ from torch import nn
 
 from . import load_library
 from .channel_ops import analyze
-from .channels import CONST, Analysis
+from .channels import CONST, Analysis, Read
 from .masks import storage_bytes
 from .shrink_tensors import (
     ShrinkError,
@@ -139,9 +139,9 @@ def _plan(model: nn.Module, inputs: tuple):
     return analysis, removed, kept, tensors
 
 
-def _folds(analysis: Analysis, removed: set, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Per consumer module, what the constant channels that go add to its bias."""
-    deltas: Dict[str, torch.Tensor] = {}
+def _folds(analysis: Analysis, removed: set, tensors: Dict[str, torch.Tensor]) -> Dict[Read, torch.Tensor]:
+    """Per read, what the constant channels that go add to the reader's bias."""
+    deltas: Dict[Read, torch.Tensor] = {}
     for read in analysis.reads:
         roots = analysis.roots(read.flow.ids)
         columns = [i for i, root in enumerate(roots.tolist()) if root in removed and read.flow.kind[i] == CONST]
@@ -153,8 +153,7 @@ def _folds(analysis: Analysis, removed: set, tensors: Dict[str, torch.Tensor]) -
         w = weight.index_select(1, index)
         if read.kind == "conv":
             w = w.flatten(2).sum(2)
-        delta = w @ values
-        deltas[read.module] = deltas.get(read.module, 0) + delta
+        deltas[read] = w @ values
     return deltas
 
 
@@ -190,8 +189,10 @@ def shrink_report(model: nn.Module, example_inputs, *, inplace: bool = False) ->
     target = model if inplace else copy_model(model)
     modules = dict(target.named_modules())
     old_in = {fqn: getattr(m, "in_channels", 0) for fqn, m in modules.items()}
-    for module_fqn, delta in _folds(analysis, removed, tensors).items():
-        add_to_bias(modules[module_fqn], delta)
+    for read, delta in _folds(analysis, removed, tensors).items():
+        add_to_bias(modules[read.module], delta)
+        if (read.weight, 0) in analysis.slices:  # a bias made for the fold follows the weight's rows
+            analysis.slices.setdefault((read.bias, 0), analysis.slices[(read.weight, 0)])
     touched = set()
     for (fqn, dim), ids in analysis.slices.items():
         roots = analysis.roots(ids)

@@ -299,3 +299,55 @@ def test_a_mlp_hidden_unit_goes_from_both_linears():
     _zero_rows(model[0], [0, 5])
     report = _shrunk(model, torch.randn(2, 5, 4))
     assert report.model[0].out_features == report.model[3].in_features == 6
+
+
+class Unpadded(nn.Module):
+    """conv1 -> BatchNorm -> ReLU -> conv2 (1x1, no bias) -> ReLU -> conv3 (1x1, no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 5, 1, bias=False)
+        self.conv3 = nn.Conv2d(5, 4, 1, bias=False)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x))))))
+
+
+def test_a_fold_into_a_layer_without_bias_makes_one_that_follows_its_rows():
+    model = Unpadded()
+    _lively_bn(model.bn)
+    model.bn.running_mean.zero_()  # the constants beta - gamma * mean / sqrt(var + eps) positive: ReLU keeps them
+    _zero_rows(model.conv1, [0, 4], names=("weight",))
+    _zero_rows(model.conv2, [1], names=("weight",))  # zero: its row of the new bias goes too
+    report = _shrunk(model, torch.randn(2, 3, 5, 5))
+    small = report.model
+    assert (small.conv1.out_channels, small.conv2.out_channels) == (4, 4)
+    assert small.conv2.bias.shape == (4,) and small.conv2.bias.dtype == torch.float32
+    assert small.conv3.bias is None
+
+
+class SharedReader(nn.Module):
+    """One 1x1 convolution reads two tensors: a constant channel of one
+    cannot fold into the bias both calls share."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.shared(self.a(x)) + self.shared(self.b(x))
+
+
+def test_a_layer_called_twice_couples_what_it_reads_and_takes_no_fold():
+    model = SharedReader()
+    _zero_rows(model.a, [1], names=("weight",))  # a constant (a's bias) in one call only
+    report = _shrunk(model, torch.randn(1, 3, 5, 5))
+    assert report.model.a.out_channels == 4 and "called more than once" in _reasons(report)
+    _zero_rows(model.a, [1])
+    _zero_rows(model.b, [1])
+    report = _shrunk(model, torch.randn(1, 3, 5, 5))
+    assert report.model.a.out_channels == report.model.b.out_channels == report.model.shared.in_channels == 3
