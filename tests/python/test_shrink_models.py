@@ -142,6 +142,41 @@ def test_torchvision_models_lose_their_masked_internal_channels(name):
     assert sum(group.removed for group in report.groups) == sum(int((~c).sum()) for c in kept.values())
 
 
+def test_shrinks_on_the_model_device(device):
+    model, x, kept = masked_torchvision_model("resnet18")
+    model, x = model.to(device), x.to(device)
+    refresh_pruned(model)
+    with torch.no_grad():
+        expected = model(x)
+    small = torch_sparsity.shrink(model, x)
+    assert all(p.device == x.device for p in small.parameters())
+    assert small.layer1[0].conv1.out_channels == int(kept["layer1.0.conv1"].sum())
+    with torch.no_grad():
+        assert_outputs_equal(small(x), expected)
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_0", "shufflenet_v2_x0_5", "densenet121", "googlenet", "efficientnet_b0"])
+def test_every_layer_pruned_shrinks_exactly(name):
+    """Concatenations (squeezenet, densenet, googlenet), channel shuffles and
+    splits (shufflenet), squeeze-excitation and depthwise convolutions
+    (efficientnet), with 40% of the rows of every Conv and Linear masked
+    and BatchNorm statistics that turn zero rows into constants."""
+    torch.manual_seed(0)
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model, x = torchvision.models.get_model(name, weights=None, **extra), torch.randn(1, 3, 64, 64)
+    _lively_random_weights(model, x)
+    for module in list(model.modules()):
+        if type(module) in (nn.Conv2d, nn.Linear):
+            prune.ln_structured(module, "weight", amount=0.4, n=1, dim=0)
+    refresh_pruned(model)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    report = torch_sparsity.shrink_report(model, x)
+    with torch.no_grad():
+        assert_outputs_equal(report.model(x), expected)
+    assert report.after.multiply_adds < 0.8 * report.before.multiply_adds
+
+
 def test_the_report_says_why_attention_channels_stay():
     torch.manual_seed(0)
     model, x = _small_vit()
