@@ -54,12 +54,14 @@ class ChannelGroup:
 @dataclass
 class ShrinkReport:
     """What ``shrink_report`` returns: the shrunk ``model``, the channel
-    ``groups`` and the cost ``before`` and ``after``."""
+    ``groups``, the cost ``before`` and ``after``, and per Conv/Linear (fqn)
+    the indices of its output channels that went (``removed_channels``)."""
 
     model: nn.Module
     groups: List[ChannelGroup]
     before: Cost
     after: Cost
+    removed_channels: Dict[str, List[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         width = max([len(g.producers[0]) + 8 for g in self.groups] + [13])
@@ -205,7 +207,11 @@ def shrink_report(model: nn.Module, example_inputs, *, inplace: bool = False) ->
     for module_fqn in touched:
         _update_attributes(modules[module_fqn], old_in[module_fqn])
     groups = [ChannelGroup(**group) for group in analysis.groups(kept)]
-    return ShrinkReport(target, groups, before, _cost(target, macs_after))
+    removed_channels = {
+        _split(weight)[0]: [i for i, root in enumerate(analysis.roots(ids).tolist()) if root in removed]
+        for weight, ids in analysis.produced.items() if (weight, 0) in analysis.slices
+    }
+    return ShrinkReport(target, groups, before, _cost(target, macs_after), removed_channels)
 
 
 def shrink(model: nn.Module, example_inputs, *, inplace: bool = False) -> nn.Module:

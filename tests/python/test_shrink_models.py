@@ -137,6 +137,7 @@ def test_torchvision_models_lose_their_masked_internal_channels(name):
         module = small.get_submodule(fqn)
         count = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
         assert count == int(channels.sum()), fqn
+        assert report.removed_channels[fqn] == (~channels).nonzero().flatten().tolist(), fqn
     assert report.after.multiply_adds < 0.9 * report.before.multiply_adds
     assert report.after.parameters < report.before.parameters and report.after.bytes < report.before.bytes
     assert sum(group.removed for group in report.groups) == sum(int((~c).sum()) for c in kept.values())
