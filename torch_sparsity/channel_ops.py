@@ -133,33 +133,44 @@ class _Walker:
 
     def call(self, node: Node) -> None:
         op = _packet(node.target)
-        inputs = [a for a in node.all_input_nodes if isinstance(self.flows.get(a), (Flow, list))]
-        if op in _CONVS or op is aten.linear:
-            self.flows[node] = self.conv_or_linear(node, op)
-        elif not inputs:
+        if not (op in _CONVS or op is aten.linear) and not any(
+                isinstance(self.flows.get(a), (Flow, list)) for a in node.all_input_nodes):
             return  # no channels involved
-        elif node.target is operator.getitem:
-            flows, index = self.flows[node.args[0]], node.args[1]
-            self.flows[node] = flows[index] if isinstance(flows, list) and index < len(flows) else None
-        elif op in _CHANNELWISE:
-            self.flows[node] = self.channelwise(node, op)
-        elif op in _POOLS:
-            self.flows[node] = self.pool(node, op)
-        elif op in _RESHAPES:
-            self.flows[node] = self.reshape(node)
-        elif op in _BINARY:
-            self.flows[node] = self.binary(node, op)
-        elif op is aten.cat:
-            self.flows[node] = self.cat(node)
-        elif op in (aten.permute, aten.transpose, aten.t, aten.expand, aten.mean, aten.select, aten.slice):
-            self.flows[node] = self.move(node, op)
-        elif op is aten.group_norm:
-            self.flows[node] = self.group_norm(node)
-        else:
-            self.pin_args(node, f"{op} (an operation the analysis does not know)")
+        try:
+            self.flows[node] = self.rule(node, op)
+        except Exception as error:  # a form of a known op the rules do not expect: its channels stay
+            self.pin_args(node, f"{op} (the analysis failed on it: {type(error).__name__}: {error})")
+            self.flows[node] = None
         if getattr(op, "__name__", "").endswith("_") and node.args and isinstance(node.args[0], Node):
             # An in-place op: later readers of its input see its output.
             self.flows[node.args[0]] = self.flows.get(node)
+
+    def rule(self, node: Node, op):
+        """The flow of ``node``'s output (None: no channels the analysis follows)."""
+        if op in _CONVS or op is aten.linear:
+            for arg in node.args[1:3]:  # a computed weight or bias reads channels as no input column does
+                if isinstance(self.flows.get(arg), Flow):
+                    self.analysis.pin(self.flows[arg].ids, f"{op} takes them as its weight or bias")
+            return self.conv_or_linear(node, op)
+        if node.target is operator.getitem:
+            flows, index = self.flows.get(node.args[0]), node.args[1]
+            return flows[index] if isinstance(flows, list) and index < len(flows) else None
+        if op in _CHANNELWISE:
+            return self.channelwise(node, op)
+        if op in _POOLS:
+            return self.pool(node, op)
+        if op in _RESHAPES:
+            return self.reshape(node)
+        if op in _BINARY:
+            return self.binary(node, op)
+        if op is aten.cat:
+            return self.cat(node)
+        if op in (aten.permute, aten.transpose, aten.t, aten.expand, aten.mean, aten.select, aten.slice):
+            return self.move(node, op)
+        if op is aten.group_norm:
+            return self.group_norm(node)
+        self.pin_args(node, f"{op} (an operation the analysis does not know)")
+        return None
 
     def channelwise(self, node: Node, op) -> Optional[Flow]:
         flow = self.flows[node.args[0]]
