@@ -98,8 +98,13 @@ def test_every_source_shrinks_exactly_and_keeps_the_remaining_masks(source, form
         assert not torch.allclose(small(x), expected)
 
 
-def test_inplace_shrinks_the_model_itself():
-    model, x = _pruned_net("custom_from_mask")
+@pytest.mark.parametrize("form", FORMS)
+def test_inplace_shrinks_the_model_itself(form):
+    model, x = _pruned_net("saliency_keep_bias")
+    with torch.no_grad():
+        model(x)
+    if form == "export":
+        model = convert(model, target="export")
     with torch.no_grad():
         expected = model(x)
     conv1 = model.conv1
@@ -107,6 +112,16 @@ def test_inplace_shrinks_the_model_itself():
     assert small is model and model.conv1 is conv1 and conv1.out_channels == 4
     with torch.no_grad():
         assert_outputs_equal(model(x), expected)
+
+
+def test_the_shrunk_model_keeps_the_training_mode_and_is_exact_in_eval():
+    model, x = _pruned_net("ln_structured")
+    with torch.no_grad():
+        expected = model(x)
+    small = torch_sparsity.shrink(model.train(), x)
+    assert small.training and model.training
+    with torch.no_grad():
+        assert_outputs_equal(small.eval()(x), expected)
 
 
 def _small_vit():
@@ -202,6 +217,7 @@ class DataDependent(nn.Module):
     ("wrong shape", "does not run on example_inputs"),
     ("not exportable", "torch.export cannot capture"),
     ("torchscript target", "target 'torchscript'"),
+    ("scripted", "eager nn.Module"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(case, message):
     model, x = _pruned_net("custom_from_mask")
@@ -212,10 +228,13 @@ def test_bad_input_is_refused_and_changes_nothing(case, message):
         refresh_pruned(model)
     elif case == "torchscript target":
         model = convert(model)
+    elif case == "scripted":
+        model = torch.jit.script(convert(model))
     snapshot = module_snapshot(model)
     with pytest.raises(torch_sparsity.ShrinkError, match=message):
         torch_sparsity.shrink(model, inputs)
-    assert_module_unchanged(model, snapshot)
+    if case != "scripted":  # a ScriptModule has no Python modules to compare
+        assert_module_unchanged(model, snapshot)
     assert issubclass(torch_sparsity.ShrinkError, ValueError)
 
 
