@@ -87,8 +87,9 @@ class _Walker:
 
     def materialize(self, arg, flow: Flow, rank: int, like):
         if isinstance(arg, Node):
-            if self.flows.get(arg) is flow:
-                return self.probe(flow, rank, like)
+            if self.flows.get(arg) is flow:  # in the input's dtype, which a cast may change
+                val = arg.meta.get("val")
+                return self.probe(flow, rank, val if isinstance(val, torch.Tensor) else like)
             tensor = self.tensor_of(arg)
             if tensor is None:
                 raise LookupError(arg.name)
