@@ -15,10 +15,14 @@ about 15 s to compile).
 
 Cases run in a worker process, which writes each case to
 OUT/<target>/current.json before running it. A worker that dies by a signal
-or runs past --timeout is replaced, and the case is saved as a finding under
+or hangs is replaced, and the case is saved as a finding under
 OUT/findings/<target>/ (a .json file with the case and what happened; the
 case alone, ready to become a corpus entry, in the .case.json file next to
-it). Oracle violations reported by the worker are saved the same way.
+it). Oracle violations reported by the worker are saved the same way. A case
+hangs when it has run past --timeout in both wall and CPU time (so that a
+loaded machine does not turn a slow case into a hang), or past
+HANG_WALL_FACTOR times --timeout in wall time alone (a case blocked without
+using the CPU); where /proc gives no CPU time, past --timeout in wall time.
 
 Findings are "ours" or "torch": a crash or hang of a case that hits one of
 torch's known limits (a huge memo index, a storage element count larger than
@@ -49,6 +53,36 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS_DIR = os.path.join(HERE, "corpus")
 TARGETS = ["pickled_state", "module_utils_fqn", "set_mask"]
 WORKER_SETUP_TIMEOUT = 600  # seconds: importing torch, scripting, compiling the AOTInductor package
+HANG_WALL_FACTOR = 6
+
+
+def cpu_seconds(pid):
+    """The CPU time (user and system, all threads) of a process, or None
+    where /proc does not give it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_line(stream, pid, timeout):
+    """Whether ``stream`` has a line to read (or its end: the process died)
+    before the process hangs (see the module docstring)."""
+    started, cpu_at_start = time.monotonic(), cpu_seconds(pid)
+    wall_cap = timeout if cpu_at_start is None else HANG_WALL_FACTOR * timeout
+    while True:
+        wall = time.monotonic() - started
+        if wall >= wall_cap:
+            return False
+        if wall >= timeout:
+            cpu = cpu_seconds(pid)
+            if cpu is None or cpu - cpu_at_start >= timeout:
+                return False
+        ready, _, _ = select.select([stream], [], [], min(0.25, wall_cap - wall))
+        if ready:
+            return True
 
 
 def load_corpus(corpus_dir, target):
@@ -151,8 +185,12 @@ class Worker:
         self.answer(WORKER_SETUP_TIMEOUT, what="setup")
 
     def answer(self, timeout, what="case"):
-        """The next line of the worker, or None when it died or ran past timeout."""
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        """The next line of the worker, or None when it died or hung (its
+        setup: ran past timeout in wall time)."""
+        if what == "setup":
+            ready = select.select([self.process.stdout], [], [], timeout)[0]
+        else:
+            ready = wait_for_line(self.process.stdout, self.process.pid, timeout)
         line = self.process.stdout.readline() if ready else ""
         if not line:
             if what == "setup":
@@ -315,7 +353,8 @@ def main(argv=None):
     parser.add_argument("--corpus", default=CORPUS_DIR)
     parser.add_argument("--replay-corpus", action="store_true", help="run every corpus entry first")
     parser.add_argument("--skip-known-torch", action="store_true", help="do not run cases known to hit torch's limits")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help=f"seconds per case, of CPU time (and at most {HANG_WALL_FACTOR} times that of wall time)")
     parser.add_argument("--no-gdb", action="store_true", help="do not rerun crashes under gdb for a backtrace")
     parser.add_argument("--summary-json", help="also write the summaries here")
     parser.add_argument("--run-case", help=argparse.SUPPRESS)

@@ -10,8 +10,11 @@ of them on purpose, with a short timeout, to check that the driver survives
 it and counts it as torch's."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,37 @@ def test_a_crash_is_caught_and_classified(tmp_path):
     assert summary["restarts"] == 1
     finding, = summary["findings"]
     assert "the unpickler trusts the count" in finding["detail"]
+
+
+BUSY_FOR = "import time\nwhile time.process_time() < {}: pass\nprint('done', flush=True)"
+
+
+@pytest.mark.parametrize("child, stopped_for, hangs", [
+    ("import time; time.sleep(1.5); print('done', flush=True)", 0, False),  # slow without the CPU
+    (BUSY_FOR.format(0.2), 1.5, False),  # kept off the CPU, as on a loaded machine
+    (BUSY_FOR.format(1e9), 0, True),  # a busy hang
+    ("import time; time.sleep(60)", 0, True),  # blocked: a hang at the wall-time cap
+], ids=["sleeps", "starved", "busy-hang", "blocked-hang"])
+def test_a_hang_is_cpu_time_past_the_timeout(monkeypatch, child, stopped_for, hangs):
+    """A case hangs when it runs past the timeout in CPU time, not wall time
+    (a case slowed down by another process on the machine is no hang), or
+    past HANG_WALL_FACTOR times the timeout in wall time."""
+    monkeypatch.syspath_prepend(str(FUZZ_DIR))
+    import run_fuzz
+
+    timeout = 0.4
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    resume = threading.Timer(stopped_for, os.kill, (process.pid, signal.SIGCONT))
+    if stopped_for:
+        process.send_signal(signal.SIGSTOP)
+        resume.start()
+    try:
+        assert run_fuzz.wait_for_line(process.stdout, process.pid, timeout) is not hangs
+        assert hangs or process.stdout.readline() == "done\n"
+    finally:
+        resume.cancel()
+        process.kill()
+        process.wait()
 
 
 def test_known_torch_limits_are_recognised(monkeypatch):
