@@ -121,5 +121,5 @@ def row_mask_bias_hook(module, input: Tuple[torch.Tensor], output: torch.Tensor)
     sparsity = module.weight_sparsity
     mask: Optional[torch.Tensor] = None
     if sparsity is not None:
-        mask = sparsity.mask
+        mask = sparsity.get_mask()  # a method: tracing cannot reach the property of a faked object
     return add_bias(output, module._bias, mask, module.prune_bias, True)

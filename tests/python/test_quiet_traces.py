@@ -19,8 +19,7 @@ from torch_sparsity.sparsifiers import prepare_with_masks
 TRACES = [("torchscript", "export"), ("torchscript", "compile"), ("export", "export"),
           ("export", "strict export"), ("export", "compile")]
 # FakeSparsity objects; FakeStructuredSparsity objects; those and the
-# structured pruner's bias hook, whose TorchScript-target version reads the
-# property FakeStructuredSparsity.mask, which tracing cannot reach.
+# structured pruner's bias hook, which reads the mask.
 PRUNINGS = ["weight_norm", "rows", "rows_and_biases"]
 
 
@@ -65,8 +64,7 @@ def torch_log(caplog):
     torch_logger.removeHandler(caplog.handler)
 
 
-@pytest.mark.parametrize("target,how,pruning", [(t, h, p) for t, h in TRACES for p in PRUNINGS
-                                                 if (t, p) != ("torchscript", "rows_and_biases")])
+@pytest.mark.parametrize("target,how,pruning", [(t, h, p) for t, h in TRACES for p in PRUNINGS])
 def test_tracing_a_converted_model_prints_nothing(warmed_up, device, capfd, torch_log, target, how, pruning):
     eager = _pruned_model(pruning).to(device).eval()
     converted = convert(eager, target=target)
