@@ -100,7 +100,8 @@ def _refusal_cases():
         return model, "the model itself (Linear): tensor 'bias' has the parametrizations ['Double']"
 
     return {f.__name__: f for f in [other_parametrization, two_masks, structured_and_another, integer_tensor, name_taken,
-                                    bad_mask_dtype, recurrent, unscriptable, unscriptable_hooks, root_other_parametrization]}
+                                    bad_mask_dtype, recurrent, unscriptable, unscriptable_hooks,
+                                    root_other_parametrization]}
 
 
 @pytest.mark.parametrize("case", list(_refusal_cases()))
