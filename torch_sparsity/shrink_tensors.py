@@ -23,8 +23,8 @@ from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, PRUNE_MASK_SUFFIX, PRUNE_ORIG_
 from .sources import PARAMETRIZATION, ConversionError, _bias_hooks, plan_module, prune_computed_tensors
 
 __all__ = [
-    "ShrinkError", "add_to_bias", "can_slice", "copy_model", "masked_tensors", "plain_copy", "slice_tensor",
-    "tensor_shape",
+    "ShrinkError", "add_to_bias", "can_slice", "copy_model", "masked_tensors", "plain_copy", "refresh_prune",
+    "slice_tensor", "tensor_shape",
 ]
 
 
@@ -221,16 +221,19 @@ def slice_tensor(module: nn.Module, name: str, dim: int, index: torch.Tensor) ->
             mask = mask_holder._buffers[mask_key]
             if mask.dim() == tensor.dim() or dim == 0:
                 mask_holder._buffers[mask_key] = mask.index_select(dim, index.to(mask.device)).clone()
-    _refresh_prune(module, name)
 
 
-def _refresh_prune(module: nn.Module, name: str) -> None:
-    """torch.nn.utils.prune's ``T``, which its hook sets before each forward,
-    recomputed for the new shapes (without autograd: it must deep-copy)."""
-    if name in module.__dict__ and isinstance(module.__dict__[name], torch.Tensor):
-        with torch.no_grad():
-            original = getattr(module, name + PRUNE_ORIG_SUFFIX)
-            module.__dict__[name] = getattr(module, name + PRUNE_MASK_SUFFIX).to(original.dtype) * original
+def refresh_prune(model: nn.Module) -> None:
+    """torch.nn.utils.prune's tensors ``T``, which its hooks set before each
+    forward, computed for the current shapes, as pruning leaves them (a copy
+    has none until its first forward), without autograd: so they deep-copy."""
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    name = hook._tensor_name
+                    original = getattr(module, name + PRUNE_ORIG_SUFFIX)
+                    module.__dict__[name] = getattr(module, name + PRUNE_MASK_SUFFIX).to(original.dtype) * original
 
 
 def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:

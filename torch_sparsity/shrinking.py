@@ -21,6 +21,7 @@ from .shrink_tensors import (
     copy_model,
     masked_tensors,
     plain_copy,
+    refresh_prune,
     slice_tensor,
     tensor_shape,
 )
@@ -206,6 +207,7 @@ def shrink_report(model: nn.Module, example_inputs, *, inplace: bool = False) ->
         touched.add(module_fqn)
     for module_fqn in touched:
         _update_attributes(modules[module_fqn], old_in[module_fqn])
+    refresh_prune(target)
     groups = [ChannelGroup(**group) for group in analysis.groups(kept)]
     removed_channels = {
         _split(weight)[0]: [i for i, root in enumerate(analysis.roots(ids).tolist()) if root in removed]

@@ -91,6 +91,8 @@ def test_every_source_shrinks_exactly_and_keeps_the_remaining_masks(source, form
         assert after["conv2.weight"].shape == (6, 4, 1, 1)
     else:
         assert small.conv2.weight_mask.shape == small.conv2.weight_orig.shape == (6, 4, 1, 1)
+        # prune's computed tensor is there before any forward, as pruning leaves it
+        assert torch.equal(small.conv2.weight, small.conv2.weight_orig * small.conv2.weight_mask)
     with torch.no_grad():  # the remaining mask is live: zeroing it changes the output
         mask = torch_sparsity.masks(small)["conv2.weight"] if form == "export" else small.conv2.weight_mask
         mask.zero_()
