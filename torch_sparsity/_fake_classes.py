@@ -16,7 +16,9 @@ __all__ = ["FakeFakeSparsity", "FakeFakeStructuredSparsity"]
 
 
 class _FakeMaskHolder:
-    """What both fake classes share; ``_apply`` is the operator."""
+    """What both fake classes share; ``_apply`` is the operator. Every method
+    of the real classes has a counterpart here: torch logs a warning for each
+    missing one whenever it fakes an object (every mask, every trace)."""
 
     _class_name = ""
 
@@ -42,14 +44,12 @@ class _FakeMaskHolder:
     def state_dict(self):
         return {}
 
-    # Every method of the real class has a counterpart here: torch logs a
-    # warning per missing method each time it fakes an object.
-
     # The traced graph calls the real object's method; these return nothing.
     def update_mask(self, mask: torch.Tensor) -> None:
         pass
 
     def follow_dtype(self, x: torch.Tensor) -> None:
+        # The fake mask takes the dtype the real one will.
         if x.is_floating_point() and self.mask.is_floating_point():
             self.mask = self.mask.to(x.dtype)
 

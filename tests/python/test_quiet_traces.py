@@ -11,6 +11,7 @@ from torch import nn
 
 from end_to_end_models import prune_structured, small_pruned_model
 from sparsity_testing import assert_outputs_equal
+from torch_sparsity._fake_classes import FakeFakeSparsity, FakeFakeStructuredSparsity
 from torch_sparsity.convert import convert
 from torch_sparsity.sparsifiers import prepare_with_masks
 
@@ -119,3 +120,12 @@ def test_tracing_a_method_whose_answer_would_become_a_constant_is_refused(method
     model, x = _calling(method), torch.randn(2, 4)
     with torch.no_grad(), pytest.raises(RuntimeError, match=f"FakeSparsity.{method}: .* as a constant"):
         torch.export.export(model, (x, torch.ones(4, 4, dtype=torch.bool)), strict=False)
+
+
+@pytest.mark.parametrize("real, fake", [("FakeSparsity", FakeFakeSparsity),
+                                        ("FakeStructuredSparsity", FakeFakeStructuredSparsity)])
+def test_the_fake_classes_have_every_method(real, fake):
+    # (Torch does not look for these on a fake object.)
+    flattening = {"__obj_flatten__", "__getstate__", "__setstate__"}
+    methods = set(getattr(torch.classes.sparsity, real)(torch.ones(2))._method_names()) - flattening
+    assert methods - set(dir(fake)) == set()
