@@ -142,7 +142,11 @@ class _Walker:
         except Exception as error:  # a form of a known op the rules do not expect: its channels stay
             self.pin_args(node, f"{op} (the analysis failed on it: {type(error).__name__}: {error})")
             self.flows[node] = None
-        if getattr(op, "__name__", "").endswith("_") and node.args and isinstance(node.args[0], Node):
+        in_place = getattr(op, "__name__", "").endswith("_") and node.args and isinstance(node.args[0], Node)
+        if self.flows[node] is None and (node.users or in_place):  # channels no longer followed must stay
+            what = f"output {node.args[1]} of {_packet(node.args[0].target)}" if op is operator.getitem else f"{op}"
+            self.pin_args(node, f"{what} (the analysis does not follow it)")
+        if in_place:
             # An in-place op: later readers of its input see its output.
             self.flows[node.args[0]] = self.flows.get(node)
 
@@ -200,9 +204,14 @@ class _Walker:
         if not isinstance(flow, Flow) or flow.dim != 1:
             self.pin_args(node, f"{op} over the channel dim")
             return None
-        padded = op in (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d) and len(node.args) > 3 and any(node.args[3])
-        result = flow.varying() if padded else flow
-        return [result] if op is aten.max_pool2d_with_indices else result
+        # An average over padding, or by another divisor, changes a constant.
+        average = op in (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d)
+        padded = average and len(node.args) > 3 and any(node.args[3] if isinstance(node.args[3], (list, tuple))
+                                                        else [node.args[3]])
+        divided = average and (len(node.args) > 6 and node.args[6] is not None or "divisor_override" in node.kwargs)
+        result = flow.varying() if padded or divided else flow
+        with_indices = op in (aten.max_pool2d_with_indices, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d)
+        return [result] if with_indices else result
 
     def conv_or_linear(self, node: Node, op) -> Optional[Flow]:
         x, weight = node.args[0], node.args[1]

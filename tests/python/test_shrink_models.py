@@ -132,7 +132,7 @@ def _small_vit():
     ), torch.randn(1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v3_small", "vit"])
 def test_torchvision_models_lose_their_masked_internal_channels(name):
     if name == "vit":
         torch.manual_seed(0)

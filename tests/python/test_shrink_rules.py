@@ -351,3 +351,32 @@ def test_a_layer_called_twice_couples_what_it_reads_and_takes_no_fold():
     _zero_rows(model.b, [1])
     report = _shrunk(model, torch.randn(1, 3, 5, 5))
     assert report.model.a.out_channels == report.model.b.out_channels == report.model.shared.in_channels == 3
+
+
+def test_max_pooling_with_indices_passes_the_channels_on():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    _zero_rows(model[0], [2, 3])
+    report = _shrunk(model, torch.randn(2, 3, 5, 5))
+    assert report.model[0].out_channels == report.model[3].in_features == 4
+
+
+class PoolIndices(nn.Module):
+    """Max pooling's indices, which the analysis does not follow, read by max_unpool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        pooled, indices = nn.functional.max_pool2d(x, 2, return_indices=True)
+        return self.head(nn.functional.max_unpool2d(pooled, indices, 2))
+
+
+def test_an_output_the_analysis_does_not_follow_keeps_its_channels():
+    model = PoolIndices()
+    _zero_rows(model.conv, [1])
+    report = _shrunk(model, torch.randn(1, 3, 4, 4))
+    assert report.model.conv.out_channels == 4
+    assert "output 1 of aten.max_pool2d_with_indices" in _reasons(report)
