@@ -38,6 +38,8 @@ _RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unfl
              aten.squeeze_, aten.unsqueeze, aten.unsqueeze_}
 _BINARY = {aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_}
 _CONVS = {aten.conv1d, aten.conv2d, aten.conv3d}
+# Ops that read a tensor's metadata only, never its values.
+_METADATA = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -59,7 +61,6 @@ class _Walker:
         self.analysis = Analysis()
         self.flows: Dict[Node, object] = {}
 
-    # -- helpers ------------------------------------------------------------
     def tensor_of(self, arg) -> Optional[torch.Tensor]:
         """The value of a parameter, buffer or constant read by the graph."""
         if isinstance(arg, Node) and arg.op == "placeholder" and arg.name in self.fqn:
@@ -113,7 +114,6 @@ class _Walker:
         out = out[0] if isinstance(out, (list, tuple)) else out
         return self.read_probe(out, flow, flow.dim + out.dim() - rank)
 
-    # -- the walk -------------------------------------------------------------
     def run(self, graph) -> Analysis:
         for node in graph.nodes:
             if node.op == "call_function":
@@ -134,9 +134,9 @@ class _Walker:
 
     def call(self, node: Node) -> None:
         op = _packet(node.target)
-        if not (op in _CONVS or op is aten.linear) and not any(
+        if op in _METADATA or not (op in _CONVS or op is aten.linear) and not any(
                 isinstance(self.flows.get(a), (Flow, list)) for a in node.all_input_nodes):
-            return  # no channels involved
+            return  # no channel values involved
         try:
             self.flows[node] = self.rule(node, op)
         except Exception as error:  # a form of a known op the rules do not expect: its channels stay

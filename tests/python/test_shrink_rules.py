@@ -380,3 +380,23 @@ def test_an_output_the_analysis_does_not_follow_keeps_its_channels():
     report = _shrunk(model, torch.randn(1, 3, 4, 4))
     assert report.model.conv.out_channels == 4
     assert "output 1 of aten.max_pool2d_with_indices" in _reasons(report)
+
+
+class Casts(nn.Module):
+    """Casts (whose metadata checks the graph holds) and a mean and view into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).to(torch.float64).float()
+        return self.fc(y.mean((2, 3)).view(-1, y.size(1)))
+
+
+def test_casts_and_metadata_checks_pass_the_channels_on():
+    model = Casts()
+    _zero_rows(model.conv, [0, 2])
+    report = _shrunk(model, torch.randn(2, 3, 4, 4))
+    assert report.model.conv.out_channels == report.model.fc.in_features == 2
