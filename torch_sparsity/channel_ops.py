@@ -1,6 +1,6 @@
-"""The per-operation rules of the channel analysis (``channels.py``): walks
-a ``torch.export`` graph (ATen ops, eval mode) and passes each tensor's
-channel flow on. A constant channel's value after an operation is that
+"""The per-operation rules of the channel analysis (``channels.py``; those
+of Conv and Linear: ``channel_layers.py``): walks a ``torch.export`` graph
+(ATen ops, eval mode) and passes each tensor's channel flow on. A constant channel's value after an operation is that
 operation applied to the constant itself (a probe tensor with one entry per
 channel), which is what the operation computes on the real tensor. Any
 operation not known here keeps every channel it touches, and says so."""
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.fx import Node
 
-from .channels import CONST, VARYING, ZERO, Analysis, Flow, Read
+from .channel_layers import CONVS, LayerRules, shape_of as _shape
+from .channels import CONST, VARYING, ZERO, Analysis, Flow
 
 __all__ = ["analyze"]
 
@@ -37,22 +38,15 @@ _POOLS = {aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_wit
 _RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
              aten.squeeze_, aten.unsqueeze, aten.unsqueeze_}
 _BINARY = {aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_}
-_CONVS = {aten.conv1d, aten.conv2d, aten.conv3d}
 # Ops that read a tensor's metadata only, never its values.
 _METADATA = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride, aten.sym_storage_offset}
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _packet(target):
     return getattr(target, "overloadpacket", target)
 
 
-def _shape(node) -> Optional[tuple]:
-    value = node.meta.get("val") if isinstance(node, Node) else None
-    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
-
-
-class _Walker:
+class _Walker(LayerRules):
     def __init__(self, program, tensors: Dict[str, torch.Tensor], modules: Dict[str, nn.Module], masked: set):
         signature = program.graph_signature
         self.fqn = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
@@ -134,7 +128,7 @@ class _Walker:
 
     def call(self, node: Node) -> None:
         op = _packet(node.target)
-        if op in _METADATA or not (op in _CONVS or op is aten.linear) and not any(
+        if op in _METADATA or not (op in CONVS or op is aten.linear) and not any(
                 isinstance(self.flows.get(a), (Flow, list)) for a in node.all_input_nodes):
             return  # no channel values involved
         try:
@@ -152,7 +146,7 @@ class _Walker:
 
     def rule(self, node: Node, op):
         """The flow of ``node``'s output (None: no channels the analysis follows)."""
-        if op in _CONVS or op is aten.linear:
+        if op in CONVS or op is aten.linear:
             for arg in node.args[1:3]:  # a computed weight or bias reads channels as no input column does
                 if isinstance(self.flows.get(arg), Flow):
                     self.analysis.pin(self.flows[arg].ids, f"{op} takes them as its weight or bias")
@@ -212,100 +206,6 @@ class _Walker:
         result = flow.varying() if padded or divided else flow
         with_indices = op in (aten.max_pool2d_with_indices, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d)
         return [result] if with_indices else result
-
-    def conv_or_linear(self, node: Node, op) -> Optional[Flow]:
-        x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        weight_fqn = self.fqn.get(getattr(weight, "name", None)) or ""
-        module_fqn, _, name = weight_fqn.rpartition(".")
-        module = self.modules.get(module_fqn) if name == "weight" else None
-        expected = nn.Linear if op is aten.linear else _CONV_MODULES
-        flow, out_shape = self.flows.get(x), _shape(node)
-        in_shape = _shape(x)
-        w = self.tensor_of(weight)
-        known = isinstance(module, expected) and w is not None and (bias is None or isinstance(bias, Node))
-        groups = node.args[6] if op in _CONVS and len(node.args) > 6 else 1
-        channel_dim = 1 if op in _CONVS else len(out_shape) - 1
-        macs = math.prod(out_shape) * math.prod(w.shape[1:]) if w is not None else 0
-        if not known:
-            what = f"{op} of {weight_fqn or 'a computed weight'}, no {'Linear' if op is aten.linear else 'Conv'}'s own weight"
-            if isinstance(flow, Flow):
-                self.analysis.pin(flow.ids, what)
-            self.analysis.costs.append((macs, None, None))
-            if w is None:
-                return None
-            ids = self.producer(weight_fqn or node.name, w.shape[0], slice_weight=False)
-            self.analysis.pin(ids, what)
-            return Flow(channel_dim, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
-        bias_fqn = f"{module_fqn}.bias" if module_fqn else "bias"
-        depthwise = op in _CONVS and groups > 1 and groups == in_shape[1] == w.shape[0] and w.shape[1] == 1
-        if op in _CONVS and groups > 1 and not depthwise:
-            if isinstance(flow, Flow):
-                self.analysis.pin(flow.ids, f"grouped convolution {module_fqn}")
-            ids = self.producer(weight_fqn, w.shape[0])
-            self.analysis.pin(ids, f"grouped convolution {module_fqn}")
-            self.analysis.costs.append((macs, None, None))
-            return Flow(1, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
-        b = self.tensor_of(bias) if bias is not None else None
-        rows_zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
-        bias_value = b.detach().to(torch.float64).cpu() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        if depthwise:
-            if not isinstance(flow, Flow):
-                ids = self.producer(weight_fqn, w.shape[0])
-                self.analysis.pin(ids, f"depthwise convolution {module_fqn} of the model's input")
-                flow = Flow(1, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
-            ids = flow.ids
-            self.analysis.add_slice(weight_fqn, 0, ids)
-            if b is not None:
-                self.analysis.add_slice(bias_fqn, 0, ids)
-            padding = node.args[4] if len(node.args) > 4 else 0
-            padded = isinstance(padding, str) or any(padding if isinstance(padding, (list, tuple)) else [padding])
-            sums = w.detach().reshape(w.shape[0], -1).sum(1).to(torch.float64).cpu()
-            kind = np.full(len(ids), VARYING, np.int8)
-            value = torch.zeros(len(ids), dtype=torch.float64)
-            for c in range(len(ids)):
-                if rows_zero[c] or flow.kind[c] == ZERO:
-                    value[c] = bias_value[c]
-                elif flow.kind[c] == CONST and not padded:
-                    value[c] = flow.value[c] * sums[c] + bias_value[c]
-                else:
-                    continue
-                kind[c] = ZERO if value[c] == 0 else CONST
-            self.analysis.costs.append((macs, ids, None))
-            return Flow(1, ids, kind, value)
-        # A Conv/Linear of groups 1: reads its input's channels, makes its own.
-        in_ids = None
-        if isinstance(flow, Flow):
-            if flow.dim != (1 if op in _CONVS else len(in_shape) - 1):
-                self.analysis.pin(flow.ids, f"{module_fqn} reads the channels along another dim")
-            else:
-                in_ids = flow.ids
-                padding = node.args[4] if op in _CONVS and len(node.args) > 4 else 0
-                padded = isinstance(padding, str) or any(padding if isinstance(padding, (list, tuple)) else [padding])
-                blocker = None
-                if padded:
-                    blocker = "a padded convolution"
-                elif bias_fqn in self.masked:
-                    blocker = "its bias is masked"
-                self.analysis.add_slice(weight_fqn, 1, flow.ids)
-                kind = "conv" if op in _CONVS else "linear"
-                self.analysis.reads.append(Read(module_fqn, weight_fqn, bias_fqn, kind, flow, blocker))
-        ids = self.producer(weight_fqn, w.shape[0])
-        if b is not None:
-            self.analysis.add_slice(bias_fqn, 0, ids)
-        kind = np.where(rows_zero.numpy(), np.where((bias_value == 0).numpy(), ZERO, CONST), VARYING).astype(np.int8)
-        value = torch.where(torch.from_numpy(kind == CONST), bias_value, torch.zeros_like(bias_value))
-        self.analysis.costs.append((macs, ids, in_ids))
-        return Flow(channel_dim, ids, kind, value)
-
-    def producer(self, weight_fqn: str, count: int, slice_weight: bool = True) -> np.ndarray:
-        if weight_fqn not in self.analysis.produced:
-            name = weight_fqn.rsplit(".", 1)[0] if slice_weight else weight_fqn
-            ids = self.analysis.new_elements(count, name)
-            self.analysis.produced[weight_fqn] = ids
-            if slice_weight:
-                self.analysis.add_slice(weight_fqn, 0, ids)
-        return self.analysis.produced[weight_fqn]
 
     def reshape(self, node: Node) -> Optional[Flow]:
         flow = self.flows[node.args[0]]

@@ -400,3 +400,31 @@ def test_casts_and_metadata_checks_pass_the_channels_on():
     _zero_rows(model.conv, [0, 2])
     report = _shrunk(model, torch.randn(2, 3, 4, 4))
     assert report.model.conv.out_channels == report.model.fc.in_features == 2
+
+
+class Grouped(nn.Module):
+    """expand -> a convolution of 2 groups -> project."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1)
+        self.grouped = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+        self.project = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.project(torch.relu(self.grouped(torch.relu(self.expand(x)))))
+
+
+def test_a_grouped_convolution_couples_the_same_place_of_each_group():
+    model = Grouped()
+    _zero_rows(model.expand, [1, 5])  # place 1 of both groups of 4 input channels
+    _zero_rows(model.grouped, [0, 3])  # place 0 of both groups of 3 output channels
+    report = _shrunk(model, torch.randn(1, 3, 5, 5))
+    small = report.model
+    assert (small.expand.out_channels, small.grouped.in_channels, small.grouped.groups) == (6, 6, 2)
+    assert (small.grouped.out_channels, small.project.in_channels) == (4, 4)
+    model = Grouped()
+    _zero_rows(model.expand, [1, 6])  # places 1 and 2: each has a nonzero partner in the other group
+    _zero_rows(model.grouped, [0])
+    report = _shrunk(model, torch.randn(1, 3, 5, 5))
+    assert (report.model.grouped.in_channels, report.model.grouped.out_channels) == (8, 6)
