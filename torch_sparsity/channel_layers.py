@@ -38,7 +38,7 @@ class LayerRules:
         flow, out_shape = self.flows.get(x), shape_of(node)
         in_shape = shape_of(x)
         w = self.tensor_of(weight)
-        known = isinstance(module, expected) and w is not None and (bias is None or isinstance(bias, Node))
+        known = isinstance(module, expected) and w is not None and (bias is None or self.tensor_of(bias) is not None)
         groups = node.args[6] if op in CONVS and len(node.args) > 6 else 1
         channel_dim = 1 if op in CONVS else len(out_shape) - 1
         macs = math.prod(out_shape) * math.prod(w.shape[1:]) if w is not None else 0
@@ -52,7 +52,9 @@ class LayerRules:
             ids = self.producer(weight_fqn or node.name, w.shape[0], slice_weight=False)
             self.analysis.pin(ids, what)
             return Flow(channel_dim, ids, np.full(len(ids), VARYING, np.int8), torch.zeros(len(ids), dtype=torch.float64))
-        bias_fqn = f"{module_fqn}.bias" if module_fqn else "bias"
+        # The bias's own name: export may name a weight tied between modules after either.
+        bias_fqn = self.fqn.get(getattr(bias, "name", None)) or (f"{module_fqn}.bias" if module_fqn else "bias")
+        module_fqn = bias_fqn.rpartition(".")[0] if bias is not None else module_fqn
         depthwise = op in CONVS and groups > 1 and groups == in_shape[1] == w.shape[0] and w.shape[1] == 1
         b = self.tensor_of(bias) if bias is not None else None
         rows_zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()

@@ -130,13 +130,19 @@ def _plan(model: nn.Module, inputs: tuple):
     masked = masked_tensors(model)
     plain = plain_copy(model)
     program = _export(plain, inputs)
-    tensors = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+    named = list(plain.named_parameters(remove_duplicate=False)) + list(plain.named_buffers(remove_duplicate=False))
+    tensors = dict(named)
     modules = dict(plain.named_modules())
     analysis = analyze(program, tensors, modules, masked)
+    holders: Dict[int, int] = {}  # a tensor tied between modules would lose the tie when sliced
+    for _, tensor in named:
+        holders[id(tensor)] = holders.get(id(tensor), 0) + 1
     for (fqn, _), ids in analysis.slices.items():
         module_fqn, name = _split(fqn)
         if module_fqn not in modules or not can_slice(model.get_submodule(module_fqn), name):
             analysis.pin(ids, f"{fqn} is no tensor of a module that shrink can slice")
+        elif holders.get(id(tensors.get(fqn)), 0) > 1:
+            analysis.pin(ids, f"{fqn} is tied to another module's tensor")
     kept = analysis.decide()
     removed = {analysis.find(e) for e in range(len(analysis.parent))} - set(kept)
     return analysis, removed, kept, tensors

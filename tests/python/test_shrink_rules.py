@@ -428,3 +428,27 @@ def test_a_grouped_convolution_couples_the_same_place_of_each_group():
     _zero_rows(model.grouped, [0])
     report = _shrunk(model, torch.randn(1, 3, 5, 5))
     assert (report.model.grouped.in_channels, report.model.grouped.out_channels) == (8, 6)
+
+
+class Tied(nn.Module):
+    """Two convolutions that share one weight, each reading its own input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.b.weight = self.a.weight
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + torch.relu(self.b(x)))
+
+
+def test_a_weight_tied_between_modules_keeps_its_channels():
+    model = Tied()
+    with torch.no_grad():
+        model.a.weight[1] = 0
+        model.a.bias[1] = model.b.bias[1] = 0
+    report = _shrunk(model, torch.randn(1, 3, 4, 4))
+    assert report.model.a.weight is report.model.b.weight and report.model.a.out_channels == 4
+    assert "tied" in _reasons(report)
