@@ -101,7 +101,9 @@ def _apply_plan(module: nn.Module, plan: List[PrunedTensor], compact_masks: bool
     # The parametrization's class (and its property) goes first, so that
     # nothing below goes through parametrize's __getattr__/__setattr__ logic.
     make_class = torchscript.sparse_class if target == "torchscript" else export.export_class
-    module.__class__ = make_class(base, names)
+    # Whether the converted bias hook goes on (only where there is a _bias to add).
+    bias_hook = getattr(module, "_bias", None) is not None and any(p.bias_hook is not None for p in plan)
+    module.__class__ = make_class(base, names, bias_hook)
     if parametrized:
         del module._modules["parametrizations"]
     for pruned in plan:

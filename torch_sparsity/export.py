@@ -33,20 +33,22 @@ def _export_getter(name: str, row: bool):
     return getter
 
 
-_export_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...]], type] = {}
+_export_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...], bool], type] = {}
 
 
-def export_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
+def export_class(base: type, names: Tuple[Tuple[str, bool], ...], bias_hook: bool = False) -> type:
     """The subclass of ``base`` whose tensors ``names`` ((name, row mask)
     pairs) read their masks."""
-    key = (base, names)
+    # torch.compile does not guard on hooks: a module with the bias hook
+    # needs a class of its own, or compiled code of one without it is reused.
+    key = (base, names, bias_hook)
     if key not in _export_classes:
         namespace = {
             "__module__": __name__,
             "__qualname__": base.__qualname__,
             # pickle cannot find a class made by type() by its name: it
             # records how to make it again instead.
-            "__reduce_ex__": lambda self, protocol: (_rebuild, (base, names), self.__getstate__()),
+            "__reduce_ex__": lambda self, protocol: (_rebuild, (base, names, bias_hook), self.__getstate__()),
         }
         for name, row in names:
             op = "fake_structured_sparsity" if row else "fake_sparsity"
@@ -57,10 +59,10 @@ def export_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
     return _export_classes[key]
 
 
-def _rebuild(base: type, names: Tuple[Tuple[str, bool], ...]) -> torch.nn.Module:
+def _rebuild(base: type, names: Tuple[Tuple[str, bool], ...], bias_hook: bool = False) -> torch.nn.Module:
     """An empty module of ``export_class(base, names)``, which pickle fills
     with the pickled module's state (nn.Module.__setstate__)."""
-    cls = export_class(base, names)
+    cls = export_class(base, names, bias_hook)
     return cls.__new__(cls)
 
 

@@ -61,14 +61,16 @@ def _base_annotations(cls) -> dict:
     return dict(get_annotations(cls))
 
 
-_sparse_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...]], type] = {}
+_sparse_classes: Dict[Tuple[type, Tuple[Tuple[str, bool], ...], bool], type] = {}
 
 
-def sparse_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
+def sparse_class(base: type, names: Tuple[Tuple[str, bool], ...], bias_hook: bool = False) -> type:
     """The subclass of ``base`` whose tensors go through FakeSparsity, or
     FakeStructuredSparsity for those of ``names`` ((name, row mask) pairs)
     that have a row mask."""
-    key = (base, names)
+    # torch.compile does not guard on hooks: a module with the bias hook
+    # needs a class of its own, or compiled code of one without it is reused.
+    key = (base, names, bias_hook)
     if key not in _sparse_classes:
         annotations = _base_annotations(base)
         namespace = {
@@ -76,7 +78,7 @@ def sparse_class(base: type, names: Tuple[Tuple[str, bool], ...]) -> type:
             "__qualname__": base.__qualname__,
             # pickle cannot find a class made by type() by its name: it
             # records how to make it again instead.
-            "__reduce_ex__": lambda self, protocol: (_rebuild, (base, names), self.__getstate__()),
+            "__reduce_ex__": lambda self, protocol: (_rebuild, (base, names, bias_hook), self.__getstate__()),
             "_apply": lambda self, fn, recurse=True: _apply_to_masks(base._apply(self, fn, recurse), fn, names),
         }
         for name, row in names:
@@ -109,10 +111,10 @@ def _apply_to_masks(module: torch.nn.Module, fn, names: Tuple[Tuple[str, bool], 
     return module
 
 
-def _rebuild(base: type, names: Tuple[Tuple[str, bool], ...]) -> torch.nn.Module:
+def _rebuild(base: type, names: Tuple[Tuple[str, bool], ...], bias_hook: bool = False) -> torch.nn.Module:
     """An empty module of ``sparse_class(base, names)``, which pickle fills
     with the pickled module's state (nn.Module.__setstate__)."""
-    cls = sparse_class(base, names)
+    cls = sparse_class(base, names, bias_hook)
     return cls.__new__(cls)
 
 

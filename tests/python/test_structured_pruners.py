@@ -309,3 +309,23 @@ def test_a_row_pruned_then_kept_again_keeps_a_zero_bias_as_biashook_does():
             mask[kept] = True
         assert_bitwise_equal(scripted(x), model(x))
     assert scripted.fc1._bias[kept] == 0 and model.fc1._bias[kept] == 0
+
+
+@pytest.mark.parametrize("target", ["torchscript", "export"])
+def test_compiling_with_a_bias_hook_after_the_same_layers_without_one(target):
+    # torch.compile does not guard on hooks: a converted layer with the bias
+    # hook must not reuse the code compiled for the same layer without it.
+    def pruned(bias):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 6 * 6, 10, bias=bias))
+        prune_structured(model, "saliency")
+        return model.eval()
+
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for bias in (False, True):
+            eager = pruned(bias)
+            compiled = torch.compile(convert(eager, target=target))
+            torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
