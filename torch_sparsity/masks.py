@@ -107,7 +107,7 @@ def _alias_key(tensor: torch.Tensor):
     return where + (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
-def exported_mask_reads(program) -> Dict[str, Tuple[str, str]]:
+def exported_mask_reads(program, tensors=None) -> Dict[str, Tuple[str, str]]:
     """For each ``fake_sparsity`` or ``fake_structured_sparsity`` call of an
     ExportedProgram on a tensor and a mask buffer of the model: the pruned
     tensor's fqn -> (the mask buffer's fqn, the tensor's fqn), both as the
@@ -115,10 +115,12 @@ def exported_mask_reads(program) -> Dict[str, Tuple[str, str]]:
     (``<module>.T_mask`` names ``<module>.T``): where a module is reached by
     several paths, non-strict torch.export lists the buffer under each and
     reads it through the last, and the name is the first, in the model's
-    ``named_modules()`` order (strict export keeps the last alone)."""
+    ``named_modules()`` order (strict export keeps the last alone).
+    ``tensors``: the program's state_dict and constants in one dict, where
+    the caller has it."""
     signature = program.graph_signature
     state = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    tensors = {**program.state_dict, **program.constants}
+    tensors = {**program.state_dict, **program.constants} if tensors is None else tensors
     first = {}
     for name in signature.inputs_to_buffers.values():  # in named_buffers() order
         if name.endswith(MASK_SUFFIX):
@@ -153,7 +155,7 @@ def _exported_masks(program) -> Dict[str, torch.Tensor]:
             if name.endswith(SPARSITY_SUFFIX):
                 result[name[: -len(SPARSITY_SUFFIX)]] = constant.mask
     tensors = {**program.state_dict, **program.constants}
-    for fqn, (mask_name, _) in exported_mask_reads(program).items():
+    for fqn, (mask_name, _) in exported_mask_reads(program, tensors).items():
         result[fqn] = tensors[mask_name]
     return result
 
