@@ -131,9 +131,9 @@ class Analysis:
                     kept.setdefault(root, f"constant {value:.4g} where {read.module} reads it ({read.fold_blocker})")
         return kept
 
-    def groups(self, kept: Dict[int, str]) -> List[dict]:
-        """Per group of coupled producers: its name, channels, how many go and
-        why the others stay."""
+    def components(self) -> List[int]:
+        """Per space (producer), the first space of its group of coupled
+        producers: spaces whose channels are united belong together."""
         space_parent = list(range(len(self.space_names)))
 
         def space_root(s):
@@ -145,12 +145,18 @@ class Analysis:
             a, b = space_root(self.space[element]), space_root(self.space[self.find(element)])
             if a != b:
                 space_parent[max(a, b)] = min(a, b)
+        return [space_root(s) for s in range(len(self.space_names))]
+
+    def groups(self, kept: Dict[int, str]) -> List[dict]:
+        """Per group of coupled producers: its name, channels, how many go and
+        why the others stay."""
+        component = self.components()
         members: Dict[int, list] = {}
-        for s in range(len(self.space_names)):
-            members.setdefault(space_root(s), []).append(s)
+        for s, root in enumerate(component):
+            members.setdefault(root, []).append(s)
         channels: Dict[int, set] = {}
         for element in range(len(self.parent)):
-            channels.setdefault(space_root(self.space[element]), set()).add(self.find(element))
+            channels.setdefault(component[self.space[element]], set()).add(self.find(element))
         result = []
         for root, spaces in members.items():
             roots = channels.get(root, set())

@@ -26,7 +26,9 @@ from .shrink_tensors import (
     tensor_shape,
 )
 
-__all__ = ["ChannelGroup", "Cost", "ShrinkError", "ShrinkReport", "shrink", "shrink_report"]
+__all__ = [
+    "ChannelGroup", "Cost", "ShrinkError", "ShrinkReport", "channel_plan", "example_tuple", "shrink", "shrink_report",
+]
 
 
 @dataclass
@@ -79,7 +81,8 @@ class ShrinkReport:
         return "\n".join(lines)
 
 
-def _inputs(example_inputs) -> tuple:
+def example_tuple(example_inputs) -> tuple:
+    """``example_inputs`` as a tuple (one Tensor is a tuple of one); ShrinkError if empty."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list):
@@ -124,10 +127,11 @@ def _kept_fraction(ids, removed_roots: set, analysis: Analysis) -> float:
     return sum(1 for root in analysis.roots(ids).tolist() if root not in removed_roots) / len(ids)
 
 
-def _plan(model: nn.Module, inputs: tuple):
+def channel_plan(model: nn.Module, inputs: tuple, masked: frozenset = frozenset()):
     """The analysis of ``model`` on ``inputs``: (analysis, removed roots,
-    kept reasons, tensors of the plain copy by fqn)."""
-    masked = masked_tensors(model)
+    kept reasons, tensors of the plain copy by fqn). ``masked`` names
+    tensors to treat as masked besides those that are."""
+    masked = masked_tensors(model) | set(masked)
     plain = plain_copy(model)
     program = _export(plain, inputs)
     named = list(plain.named_parameters(remove_duplicate=False)) + list(plain.named_buffers(remove_duplicate=False))
@@ -189,8 +193,8 @@ def shrink_report(model: nn.Module, example_inputs, *, inplace: bool = False) ->
     load_library()
     if not isinstance(model, nn.Module) or isinstance(model, torch.jit.ScriptModule):
         raise ShrinkError(f"shrink expects an eager nn.Module, but got {type(model).__name__}")
-    inputs = _inputs(example_inputs)
-    analysis, removed, kept, tensors = _plan(model, inputs)
+    inputs = example_tuple(example_inputs)
+    analysis, removed, kept, tensors = channel_plan(model, inputs)
     macs_before = sum(cost[0] for cost in analysis.costs)
     macs_after = sum(round(macs * _kept_fraction(out_ids, removed, analysis) * _kept_fraction(in_ids, removed, analysis))
                      for macs, out_ids, in_ids in analysis.costs)
