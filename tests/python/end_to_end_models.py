@@ -180,6 +180,36 @@ def small_pruned_model(pruning="weight_norm"):
     return model
 
 
+# net()'s pruned layers, and the sources prune_net prunes them by.
+CONV, FC1, FC2 = 0, 3, 5
+NET_SOURCES = ("ao_unstructured", "ao_structured_prune_bias", "ao_structured_keep_bias", "nn_utils_prune")
+
+
+def net():
+    # torch's own classes only, so that another process can unpickle it.
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 3, bias=False)
+    )
+
+
+def prune_net(model, source):
+    """Prunes ``model`` (a net()) in place by ``source`` (NET_SOURCES):
+    torch.ao.pruning by weight norm or by rows (SaliencyPruner pruning the
+    biases' rows too, FPGMPruner not), or torch.nn.utils.prune in several
+    forms (structured, iterative, a bias, a custom mask). Returns ``model``."""
+    if source == "ao_unstructured":
+        prune_with_weight_norm(model, 0.5)
+    elif source.startswith("ao_structured"):
+        prune_structured(model, "saliency" if source == "ao_structured_prune_bias" else "fpgm_keep_bias")
+    else:
+        prune.l1_unstructured(model[CONV], "weight", 0.5)
+        prune.ln_structured(model[FC1], "weight", 0.5, n=2, dim=0)
+        prune.l1_unstructured(model[FC1], "weight", 0.3)  # iterative: a PruningContainer
+        prune.random_unstructured(model[FC1], "bias", 0.5)
+        prune.custom_from_mask(model[FC2], "weight", torch.rand(3, 6, device=model[FC2].weight.device) > 0.5)
+    return model
+
+
 class TiedLanguageModel(nn.Module):
     """A tiny language model with tied embeddings: the output head's weight
     is the embedding's very Parameter (``head.weight = emb.weight``)."""

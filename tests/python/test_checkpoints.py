@@ -13,14 +13,15 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity, FPGMPruner, SaliencyPruner
+from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize, prune
 
 import torch_sparsity
+from end_to_end_models import CONV, FC1, FC2, net, prune_net
 from sparsity_testing import assert_bitwise_equal
 from torch_sparsity.convert import convert, squash
-from torch_sparsity.sparsifiers import prepare_with_masks, prune_with_weight_norm
+from torch_sparsity.sparsifiers import prepare_with_masks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -31,15 +32,6 @@ TARGETS = ["torchscript", "export"]
 # torch.ao.pruning's own parametrizations keep their masks out of state dicts.
 MASKS_IN_STATE_DICT = ["ao_mask_in_state_dict", "nn_utils_prune"]
 SOURCES = ["ao_unstructured", "ao_structured_prune_bias", "ao_structured_keep_bias"] + MASKS_IN_STATE_DICT
-
-CONV, FC1, FC2 = 0, 3, 5  # the pruned layers of net()
-
-
-def net():
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 3, bias=False)
-    )
-
 
 class MaskInStateDict(FakeSparsity):
     """A FakeSparsity that keeps its mask in the state dict, as
@@ -58,25 +50,12 @@ def pruned(source, seed, device):
     """net() pruned by ``source``; ``seed`` picks its weights and masks."""
     torch.manual_seed(seed)
     model = net().to(device)
-    if source == "ao_unstructured":
-        prune_with_weight_norm(model, 0.5)
-    elif source == "ao_mask_in_state_dict":
-        for index in (CONV, FC1, FC2):
-            weight = model[index].weight
-            parametrize.register_parametrization(
-                model[index], "weight", MaskInStateDict((torch.rand_like(weight) > 0.5).float()))
-    elif source.startswith("ao_structured"):
-        prune_bias = source == "ao_structured_prune_bias"
-        pruner = SaliencyPruner({}) if prune_bias else FPGMPruner(0.5)
-        pruner.prepare(model, [{"tensor_fqn": f"{index}.weight", "sparsity_level": 0.5, "prune_bias": prune_bias}
-                               for index in (CONV, FC1, FC2)])
-        pruner.step()
-    else:
-        prune.l1_unstructured(model[CONV], "weight", 0.5)
-        prune.ln_structured(model[FC1], "weight", 0.5, n=2, dim=0)
-        prune.l1_unstructured(model[FC1], "weight", 0.3)  # iterative: a PruningContainer
-        prune.random_unstructured(model[FC1], "bias", 0.5)
-        prune.custom_from_mask(model[FC2], "weight", torch.rand(3, 6, device=device) > 0.5)
+    if source != "ao_mask_in_state_dict":
+        return prune_net(model, source)
+    for index in (CONV, FC1, FC2):
+        weight = model[index].weight
+        parametrize.register_parametrization(
+            model[index], "weight", MaskInStateDict((torch.rand_like(weight) > 0.5).float()))
     return model
 
 

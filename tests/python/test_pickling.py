@@ -14,12 +14,10 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.ao.pruning._experimental.pruner import FPGMPruner, SaliencyPruner
-from torch.nn.utils import prune
 
 import torch_sparsity
+from end_to_end_models import NET_SOURCES, net, prune_net
 from torch_sparsity.convert import convert, squash
-from torch_sparsity.sparsifiers import prune_with_weight_norm
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -27,40 +25,14 @@ pytestmark = [
 ]
 
 TARGETS = ["torchscript", "export"]
-SOURCES = ["ao_unstructured", "ao_structured_prune_bias", "ao_structured_keep_bias", "nn_utils_prune"]
+SOURCES = NET_SOURCES
 WAYS = ["pickle", "torch_save", "deepcopy"]
-
-
-CONV, FC1, FC2 = 0, 3, 5  # the pruned layers of net()
-
-
-def net():
-    # torch's own classes only, so that another process can unpickle it.
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 3, bias=False)
-    )
 
 
 def pruned(source):
     """net() pruned by ``source``, and an input."""
     torch.manual_seed(0)
-    model = net().eval()
-    if source == "ao_unstructured":
-        prune_with_weight_norm(model, 0.5)
-    elif source.startswith("ao_structured"):
-        prune_bias = source == "ao_structured_prune_bias"
-        pruner = SaliencyPruner({}) if prune_bias else FPGMPruner(0.5)
-        config = [{"tensor_fqn": f"{name}.weight", "sparsity_level": 0.5, "prune_bias": prune_bias}
-                  for name in (CONV, FC1, FC2)]
-        pruner.prepare(model, config)
-        pruner.step()
-    else:
-        prune.l1_unstructured(model[CONV], "weight", 0.5)
-        prune.ln_structured(model[FC1], "weight", 0.5, n=2, dim=0)
-        prune.l1_unstructured(model[FC1], "weight", 0.3)  # iterative: a PruningContainer
-        prune.random_unstructured(model[FC1], "bias", 0.5)
-        prune.custom_from_mask(model[FC2], "weight", torch.rand(3, 6) > 0.5)
-    return model, torch.randn(2, 3, 6, 6)
+    return prune_net(net().eval(), source), torch.randn(2, 3, 6, 6)
 
 
 def converted(target, source, **options):
