@@ -104,7 +104,7 @@ def test_wheel_holds_the_package_and_nothing_else(wheel):
     print(f"{wheel.name}: {wheel.stat().st_size / 2**20:.2f} MiB, {len(names)} files")
     print("\n".join(names))
     allowed = re.compile(
-        r"^(torch_sparsity/(__init__|_build_info|_fake_classes|aoti|channel_layers|channel_ops|channels|checkpoints|cli|convert|export|masks|naming|"
+        r"^(torch_sparsity/(__init__|_build_info|_fake_classes|aoti|channel_groups|channel_layers|channel_ops|channels|checkpoints|cli|convert|export|masks|naming|"
         r"shrink_tensors|shrinking|sources|sparsifiers|"
         r"torchscript|utils)\.py"
         r"|torch_sparsity/lib/libtorch_sparsity\.so"
