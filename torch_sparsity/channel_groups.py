@@ -100,13 +100,16 @@ def find_groups(model: nn.Module, inputs: tuple, allowed: Set[str]) -> List[Prun
     groups = []
     for component, roots in channels.items():
         group = PruningGroup(producers.get(component, []), [channel_slices[root] for root in roots])
+        outside = [p for p in group.producers if p not in allowed]
+        if outside:
+            group.reason = f"{outside[0]} is not in the config"
         for fqn, dim, _ in (s for channel in group.channels for s in channel):
+            if group.reason:
+                break
             if fqn in already:
                 group.reason = f"{fqn} carries a mask already"
             elif mask_kind(model, fqn, dim) == ROWS and fqn not in allowed:
                 group.reason = f"{fqn} is not in the config"
-            if group.reason:
-                break
         groups.append(group)
     candidates = [g for g in groups if g.reason is None]
     if not candidates:
