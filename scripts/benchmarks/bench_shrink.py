@@ -86,7 +86,8 @@ def relative_diff(a, b) -> float:
 
 def check(what: str, diff: float, tolerance: float):
     if not diff <= tolerance:  # also catches NaN
-        raise SystemExit(f"bench_shrink.py: {what} differs by {diff:.3g} of the output's scale (> {tolerance:g})")
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {what} differs by {diff:.3g} of the output's scale "
+                         f"(> {tolerance:g})")
 
 
 def compile_package(model, path: Path):
@@ -208,12 +209,12 @@ def target_lines(results) -> list:
 def parse_list(text, what, choices=None):
     items = [t for t in text.split(",") if t]
     if not items or (choices and any(t not in choices for t in items)):
-        raise SystemExit(f"bench_shrink.py: {what}: expected a comma-separated subset of {choices or 'sizes'}, "
-                         f"got {text!r}")
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {what}: expected a comma-separated subset of "
+                         f"{choices or 'sizes'}, got {text!r}")
     if choices:
         return items
     if not all(t.isdigit() and int(t) > 0 for t in items):
-        raise SystemExit(f"bench_shrink.py: {what}: expected positive sizes, got {text!r}")
+        raise SystemExit(f"{Path(sys.argv[0]).name}: {what}: expected positive sizes, got {text!r}")
     return [int(t) for t in items]
 
 
