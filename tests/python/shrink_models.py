@@ -97,15 +97,16 @@ def masked_torchvision_model(name: str, seed: int = 0, amount: float = 0.5):
 
 
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU, a residual block and a Linear head, 16x16 inputs."""
+    """Conv-BN-ReLU, a residual block and a Linear head, 16x16 inputs;
+    `stream` channels between the blocks, `hidden` inside the residual one."""
 
-    def __init__(self):
+    def __init__(self, stream: int = 8, hidden: int = 12):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.conv1 = nn.Conv2d(8, 12, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(12)
-        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
-        self.head = nn.Linear(8, 5)
+        self.stem = nn.Sequential(nn.Conv2d(3, stream, 3, padding=1), nn.BatchNorm2d(stream), nn.ReLU())
+        self.conv1 = nn.Conv2d(stream, hidden, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, stream, 3, padding=1)
+        self.head = nn.Linear(stream, 5)
 
     def forward(self, x):
         x = self.stem(x)
