@@ -50,12 +50,19 @@ def mask_bytes(masks) -> int:
     return storage_bytes(getattr(mask, "mask", mask) for mask in masks.values())
 
 
+def _own_tensors(module) -> List[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of the module's own parameters and buffers, under every
+    name: a tensor tied between two names of the module is read under each
+    (named_parameters would list it once)."""
+    found = list(module._parameters.items()) + list(module._buffers.items())
+    return [(name, tensor) for name, tensor in found if tensor is not None]
+
+
 def _pruned_tensor_names(module, suffix: str = SPARSITY_SUFFIX) -> List[str]:
     """Names of the module's own tensors that have a FakeSparsity object
     (``suffix`` "_sparsity") or a mask buffer ("_mask"), not squashed."""
     names = []
-    own = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
-    for tensor_name in own:
+    for tensor_name, _ in _own_tensors(module):
         if tensor_name.endswith(ORIGINAL_SUFFIX):
             name = tensor_name[: -len(ORIGINAL_SUFFIX)]
             held = getattr(module, name + suffix, None)
@@ -168,7 +175,8 @@ def masks(obj) -> Dict[str, torch.Tensor]:
     changes the next output. A mask is listed once: a module reached by
     several paths (a shared submodule) holds one, named after the first path
     in ``named_modules()`` order; a tensor tied between modules has a mask
-    per module that prunes it, each named after its module."""
+    per module that prunes it, each named after its module, and one held
+    under two names of a module a mask per pruned name."""
     if isinstance(obj, torch.export.ExportedProgram):
         return _exported_masks(obj)
     if not isinstance(obj, nn.Module):
@@ -210,7 +218,7 @@ def _check_untied(model) -> None:
         held = {name: getattr(module, name + SPARSITY_SUFFIX).mask for name in _pruned_tensor_names(module)}
         held.update({name: getattr(module, name + MASK_SUFFIX) for name in _pruned_tensor_names(module, MASK_SUFFIX)})
         prefix = f"{module_fqn}." if module_fqn else ""
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for name, tensor in _own_tensors(module):
             pruned = name[: -len(ORIGINAL_SUFFIX)] if name.endswith(ORIGINAL_SUFFIX) else None
             mask = held.get(pruned)
             fqn = prefix + (pruned if mask is not None else name)
@@ -236,8 +244,8 @@ def squash(model):
     custom operator that returns an alias of its input). A row mask
     multiplies as ``mask.reshape(-1, 1, ...)``, and a structured pruner's
     bias gets its pruned rows zeroed (``prune_bias``). A pruned tensor tied
-    to another module's tensor (read there under another mask or none) is a
-    RuntimeError, before anything changes."""
+    to another module's tensor or to another name of its module (read there
+    under another mask or none) is a RuntimeError, before anything changes."""
     load_library()
     _check_untied(model)
     squashed = {}  # a scripted model lists a module reached by several paths under each

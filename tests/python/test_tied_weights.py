@@ -154,6 +154,45 @@ def test_squash_of_a_scripted_shared_module_applies_its_mask_once():
         assert_bitwise_equal(scripted(x), expected)
 
 
+class TiedWithinModule(torch.nn.Module):
+    """One Parameter under two names of one module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(4, 4))
+        self.b = self.a
+
+    def forward(self, x):
+        return x @ self.a + x @ self.b
+
+
+@pytest.mark.parametrize("source", PRUNING_SOURCES)
+@pytest.mark.parametrize("target", ["torchscript", "export"])
+@pytest.mark.parametrize("names", [["a", "b"], ["a"]], ids=["both", "one"])
+def test_a_tensor_tied_within_a_module(names, target, source):
+    """Each pruned name of the tensor has its mask in masks(), and squash
+    refuses (one product cannot stand for both names' reads), changing
+    nothing."""
+    torch.manual_seed(0)
+    eager = prune_tensors(TiedWithinModule(), names, source)
+    x = torch.randn(2, 4)
+    models = [convert(eager, target=target)]
+    if target == "torchscript":
+        models.append(torch.jit.script(convert(eager)))
+    for model in models:
+        assert sorted(torch_sparsity.masks(model)) == names
+        found = {fqn: mask.clone() for fqn, mask in torch_sparsity.masks(model).items()}
+        with torch.no_grad():
+            before = model(x)
+            assert_bitwise_equal(before, eager(x))
+        with pytest.raises(RuntimeError, match=r"squash: a and b are one tensor \(tied\)"):
+            squash(model)
+        for fqn, mask in torch_sparsity.masks(model).items():
+            assert torch.equal(mask, found[fqn]), fqn
+        with torch.no_grad():
+            assert_bitwise_equal(model(x), before)
+
+
 # ------------------------------------------------ AOTInductor packages
 
 
