@@ -293,6 +293,13 @@ class ChannelPruner(BaseSparsifier):
                 parametrize.remove_parametrizations(self.model.get_submodule(module_fqn), name,
                                                     leave_parametrized=True)
 
+    def state_dict(self) -> dict:
+        """torch.ao.pruning's state dict, its per-tensor state a plain dict
+        (not a defaultdict), so that torch.load loads it with weights_only."""
+        state = super().state_dict()
+        state["state"] = {fqn: dict(entry) for fqn, entry in state["state"].items()}
+        return state
+
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """The masks and levels of ``state_dict()``, copied into this prepared
         pruner's masks (in place: the model keeps them live)."""

@@ -241,7 +241,7 @@ def test_schedulers_drive_the_masked_counts(scheduler):
         assert _pruned_counts(model, pruner) == [g.pruned for g in pruner.pruned_groups()] == expected
 
 
-@pytest.mark.parametrize("through", ["state_dict"])
+@pytest.mark.parametrize("through", ["state_dict", "torch.save"])
 def test_state_dict_round_trip(through):
     model, x = _small()
     fresh = copy.deepcopy(model)
@@ -254,7 +254,7 @@ def test_state_dict_round_trip(through):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
-        state = torch.load(buffer)
+        state = torch.load(buffer)  # weights_only, torch.load's default
     second = _prepared(fresh, x, sparsity_level=0.9)
     second.load_state_dict(state)
     masks, loaded = _masks(model), _masks(fresh)
