@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from .masks import compact_mask
+from .masks import _pruned_tensor_names, compact_mask
 from .naming import MASK_SUFFIX, ORIGINAL_SUFFIX, PRUNE_MASK_SUFFIX, PRUNE_ORIG_SUFFIX, SPARSITY_SUFFIX
 
 __all__ = ["load_pruned_checkpoint"]
@@ -29,17 +29,15 @@ __all__ = ["load_pruned_checkpoint"]
 
 def _held_masks(module: nn.Module) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, tensor the mask applies to, live mask) of each pruned tensor of
-    a converted module whose mask is held."""
-    for key, original in list(module._parameters.items()) + list(module._buffers.items()):
-        if original is None or not key.endswith(ORIGINAL_SUFFIX):
-            continue
-        name = key[: -len(ORIGINAL_SUFFIX)]
-        sparsity = module.__dict__.get(name + SPARSITY_SUFFIX)  # target "torchscript"
-        mask = module._buffers.get(name + MASK_SUFFIX)  # target "export": not persistent
-        if sparsity is not None:
-            yield name, original, sparsity.mask
-        elif mask is not None and name + MASK_SUFFIX in module._non_persistent_buffers_set:
-            yield name, original, mask
+    a converted module whose mask is held: its FakeSparsity object (target
+    "torchscript") or its mask buffer, which is not persistent (target
+    "export"; a persistent one is the module's own)."""
+    sparsities = _pruned_tensor_names(module)
+    for name in sparsities:
+        yield name, getattr(module, name + ORIGINAL_SUFFIX), getattr(module, name + SPARSITY_SUFFIX).mask
+    for name in _pruned_tensor_names(module, MASK_SUFFIX):
+        if name not in sparsities and name + MASK_SUFFIX in module._non_persistent_buffers_set:
+            yield name, getattr(module, name + ORIGINAL_SUFFIX), getattr(module, name + MASK_SUFFIX)
 
 
 def _rename_original(state_dict, prefix: str, name: str) -> None:
