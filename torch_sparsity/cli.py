@@ -21,7 +21,7 @@ from .convert import ConversionError, convert
 from .masks import fake_sparsities, mask_bytes, masks, squash
 from .shrinking import ShrinkError, shrink_report
 from .sources import source_masks
-from .sparsifiers import prepare_with_masks, prune_with_weight_norm
+from .sparsifiers import ChannelPruner, prepare_with_masks, prune_with_weight_norm
 
 __all__ = ["main"]
 
@@ -83,6 +83,22 @@ def _median_ms(fn, runs: int) -> float:
     return 1000 * times[len(times) // 2]
 
 
+def _prune_channels(model: nn.Module, level: float, example: torch.Tensor) -> str:
+    """Masks ``level`` of the output channels of every Conv/Linear but the
+    last Linear (the classifier, whose channels are the model's output) with
+    ChannelPruner, prepared on ``example``, one step; returns a summary line."""
+    layers = {fqn: module for fqn, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}
+    classifier = [fqn for fqn, module in layers.items() if isinstance(module, nn.Linear)][-1:]
+    config = [{"tensor_fqn": f"{fqn}.weight" if fqn else "weight"} for fqn in layers if fqn not in classifier]
+    pruner = ChannelPruner((example,), level)
+    pruner.prepare(model, config)
+    pruner.step()
+    groups = pruner.pruned_groups()
+    return (f"ChannelPruner: {sum(g.pruned for g in groups)} of {sum(len(g.channels) for g in groups)} channels "
+            f"masked in {len(groups)} channel groups ({len(pruner.channel_groups) - len(groups)} left alone)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m torch_sparsity.convert",
@@ -98,6 +114,10 @@ def main(argv=None) -> int:
     prune = parser.add_mutually_exclusive_group()
     prune.add_argument("--sparsity", type=float, metavar="LEVEL",
                        help="prune the weight of every Linear and Conv layer with WeightNormSparsifier to LEVEL")
+    prune.add_argument("--channel-sparsity", type=float, metavar="LEVEL",
+                       help="mask LEVEL of the output channels of every Conv and Linear layer but the last Linear "
+                       "with ChannelPruner (coupled channels together, on the --input-shape input), so that "
+                       "--shrink removes them")
     prune.add_argument("--masks", metavar="FILE",
                        help="torch.save'd masks: {tensor_fqn: mask}, or a sparsifier's state_dict()")
     parser.add_argument("--trust-files", action="store_true",
@@ -125,12 +145,15 @@ def main(argv=None) -> int:
                         "package (torch_sparsity.aoti.compile) for the --input-shape input; sparsity_run reads it")
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and the input (default 0)")
     args = parser.parse_args(argv)
-    if args.sparsity is not None and not 0 <= args.sparsity <= 1:
-        parser.error(f"--sparsity must be in [0, 1], got {args.sparsity}")
+    for option, level in (("--sparsity", args.sparsity), ("--channel-sparsity", args.channel_sparsity)):
+        if level is not None and not 0 <= level <= 1:
+            parser.error(f"{option} must be in [0, 1], got {level}")
     if (args.save_input or args.save_output or args.benchmark or args.aoti_package) and not args.input_shape:
         parser.error("--save-input, --save-output, --benchmark and --aoti-package need --input-shape")
     if args.shrink and not args.input_shape:
         parser.error("--shrink needs --input-shape: it finds the channels on an input of that shape")
+    if args.channel_sparsity is not None and not args.input_shape:
+        parser.error("--channel-sparsity needs --input-shape: it finds the coupled channels on an input of that shape")
     if args.benchmark < 0:
         parser.error("--benchmark must be a number of runs")
     input_shape = _parse_shape(args.input_shape) if args.input_shape else None
@@ -138,6 +161,8 @@ def main(argv=None) -> int:
     load_library()
     torch.manual_seed(args.seed)
     model = _build_model(args.model).eval()
+    # Drawn here, after the model, so the seed gives the same weights and input whatever the pruning.
+    example = torch.randn(input_shape) if input_shape else None
     weights = _load(args.weights, "--weights", args.trust_files) if args.weights else None
     parametrized_weights = weights is not None and any(".parametrizations." in k or k.startswith("parametrizations.") for k in weights)
     if weights is not None and not parametrized_weights:
@@ -147,6 +172,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--weights: {args.weights} does not fit the model: {error}") from None
     if args.sparsity is not None:
         prune_with_weight_norm(model, args.sparsity)
+    elif args.channel_sparsity is not None:
+        print(_prune_channels(model, args.channel_sparsity, example))
     elif args.masks:
         given = _load(args.masks, "--masks", args.trust_files)
         if isinstance(given, dict) and "state" in given and "groups" in given:  # a sparsifier's state_dict()
@@ -163,8 +190,6 @@ def main(argv=None) -> int:
                 f"unexpected {result.unexpected_keys}"
             )
 
-    # Drawn here, after the model, so the seed gives the same input with or without --shrink.
-    example = torch.randn(input_shape) if input_shape else None
     deployed = model
     if args.shrink:
         try:
@@ -207,7 +232,11 @@ def main(argv=None) -> int:
         if args.aoti_package:
             start = time.perf_counter()
             exportable = convert(deployed, compact_masks=not args.keep_mask_dtype, target="export")
-            aoti.compile(exportable, (example,), args.aoti_package)
+            if masks(exportable):
+                aoti.compile(exportable, (example,), args.aoti_package)
+            else:  # an unpruned model (a dense baseline): a plain package, which sparsity_run also reads
+                program = torch.export.export(exportable, (example,))
+                torch._inductor.aoti_compile_and_package(program, package_path=args.aoti_package)
             print(f"AOTInductor package of the same model ({len(masks(exportable))} masks live) saved to "
                   f"{args.aoti_package} (compiled in {time.perf_counter() - start:.0f} s)")
     return 0

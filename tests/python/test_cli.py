@@ -14,7 +14,7 @@ from sparsity_testing import assert_outputs_equal, max_abs_diff, relative_diff
 from torch_sparsity import aoti
 from torch_sparsity.cli import main
 from torch_sparsity.convert import fake_sparsities
-from torch_sparsity.sparsifiers import prepare_with_masks
+from torch_sparsity.sparsifiers import ChannelPruner, prepare_with_masks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:FutureWarning"),
@@ -119,6 +119,9 @@ def test_command_line_masks_and_weights_files(small_factory, tmp_path, form):
         (["--aoti-package", "m.pt2"], "--benchmark and --aoti-package need --input-shape"),
         (["--sparsity", "0.5", "--masks", "m.pt"], "not allowed with argument"),
         (["--shrink"], "--shrink needs --input-shape"),
+        (["--channel-sparsity", "-0.1", "--input-shape", "2,3,6,6"], "--channel-sparsity must be in"),
+        (["--channel-sparsity", "0.5"], "--channel-sparsity needs --input-shape"),
+        (["--channel-sparsity", "0.5", "--sparsity", "0.5"], "not allowed with argument"),
     ],
 )
 def test_command_line_bad_arguments(small_factory, tmp_path, capsys, args, message):
@@ -177,6 +180,44 @@ def test_command_line_shrink_refusal(small_factory, tmp_path, capsys):
     assert status == 1
     assert "torch_sparsity.convert: cannot shrink: " in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_command_line_prunes_channels_and_shrinks(small_factory, tmp_path, capsys):
+    status = main(["--model", small_factory, "--channel-sparsity", "0.5", "-o", str(tmp_path / "model.pt"),
+                   "--input-shape", "2,3,6,6", "--shrink", "--save-input", str(tmp_path / "in.pt"),
+                   "--save-output", str(tmp_path / "out.pt")])
+    printed = capsys.readouterr().out
+    assert status == 0
+    # The conv's group is pruned; the classifier's, the model's output, is not in the config.
+    assert "ChannelPruner: 4 of 8 channels masked in 1 channel groups (1 left alone)" in printed
+    assert re.search(r"^0 +8 +4 +4: ", printed, re.M), printed
+    loaded = torch.jit.load(str(tmp_path / "model.pt"))
+    assert fake_sparsities(loaded)["0.weight"].mask.shape == (4,)  # a row mask, on the 4 channels kept
+    assert getattr(loaded, "4").weight.shape == (5, 4 * 4 * 4)
+    example, expected = torch.load(tmp_path / "in.pt"), torch.load(tmp_path / "out.pt")
+    torch.manual_seed(0)  # the command line's default seed: the same weights, then the same input
+    masked = __import__("cli_models").small_cnn().eval()
+    assert torch.equal(torch.randn(2, 3, 6, 6), example)
+    pruner = ChannelPruner((example,), 0.5)
+    pruner.prepare(masked, [{"tensor_fqn": "0.weight"}])
+    pruner.step()
+    with torch.no_grad():
+        assert relative_diff(expected, masked(example)) == 0  # the masked model's output
+        assert relative_diff(loaded(example), expected) <= 1e-5
+
+
+def test_command_line_compiles_an_unpruned_model_into_a_plain_package(small_factory, tmp_path, capsys):
+    """The dense baseline a pruned package is measured against."""
+    package = tmp_path / "model.pt2"
+    status = main(["--model", small_factory, "-o", str(tmp_path / "model.pt"), "--input-shape", "2,3,6,6",
+                   "--save-input", str(tmp_path / "in.pt"), "--save-output", str(tmp_path / "out.pt"),
+                   "--aoti-package", str(package)])
+    assert status == 0
+    assert f"AOTInductor package of the same model (0 masks live) saved to {package}" in capsys.readouterr().out
+    runner = aoti.load(package)
+    assert runner.mask_names() == []
+    expected = torch.load(tmp_path / "out.pt")
+    assert relative_diff(runner(torch.load(tmp_path / "in.pt")), expected) <= 1e-5
 
 
 def test_command_line(tmp_path):
