@@ -144,6 +144,8 @@ class ChannelPruner(BaseSparsifier):
                                  f"'conv.weight'}}), got {entry!r}")
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(f"{fqn} is parametrized already; ChannelPruner adds its own mask")
+            if fqn in allowed:  # a second entry would stack a second mask that no step updates
+                raise ValueError(f"{fqn} is twice in ChannelPruner's config")
             level = entry.get("sparsity_level", 0.0)
             if not 0.0 <= level <= 1.0:
                 raise ValueError(f"sparsity_level of {fqn} must be within [0, 1], got {level}")

@@ -417,6 +417,7 @@ def test_bad_options_are_refused(options, message):
     ("missing module", [{"tensor_fqn": "missing.weight"}], "names Conv/Linear weights"),
     ("not a dict", ["conv1.weight"], "names Conv/Linear weights"),
     ("bad level", [{"tensor_fqn": "conv1.weight", "sparsity_level": 2.0}], "sparsity_level of conv1.weight"),
+    ("twice", [{"tensor_fqn": "conv1.weight"}, {"tensor_fqn": "conv1.weight"}], "conv1.weight is twice in"),
     ("parametrized already", None, "conv1.weight is parametrized already"),
     ("wrong inputs", None, "does not run on example_inputs"),
 ])
