@@ -325,3 +325,7 @@ class ChannelPruner(BaseSparsifier):
         for config in self.groups:
             if config["tensor_fqn"] in levels:
                 config["sparsity_level"] = levels[config["tensor_fqn"]]["sparsity_level"]
+        for group in self.pruned_groups():  # report() counts the loaded masks
+            fqn = group.producers[0]
+            rows = [index for channel in group.channels for name, dim, index in channel if name == fqn and dim == 0]
+            group.pruned = int((~self._masks[fqn][rows]).sum())
