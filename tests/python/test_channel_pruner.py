@@ -229,6 +229,7 @@ def test_schedulers_drive_the_masked_counts(scheduler):
         schedule, levels = LambdaSL(pruner, lambda epoch: [0.5, 0.75, 1.0][epoch]), [0.25, 0.375, 0.5]
     else:  # 0.5 + (0.25 - 0.5) * (1 - t / 2) ** 3
         schedule, levels = CubicSL(pruner, init_sl=0.25, init_t=0, delta_t=1, total_t=2), [0.25, 0.46875, 0.5]
+    kept = [mask.clone() for mask in _masks(model, FakeStructuredSparsity).values()]
     for epoch, level in enumerate(levels):
         if epoch:
             schedule.step()
@@ -236,6 +237,9 @@ def test_schedulers_drive_the_masked_counts(scheduler):
         pruner.step()
         expected = [int(level * size) for size in sizes]
         assert _pruned_counts(model, pruner) == [g.pruned for g in pruner.pruned_groups()] == expected
+        keep = [mask.clone() for mask in _masks(model, FakeStructuredSparsity).values()]
+        assert not any((new & ~old).any() for new, old in zip(keep, kept))  # masked channels stay masked
+        kept = keep
 
 
 @pytest.mark.parametrize("through", ["state_dict", "torch.save"])
