@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -244,36 +245,39 @@ def target_lines(results) -> list:
 
 
 def plot(results, path: str) -> None:
-    """Speed-up over dense against the multiply-add ratio, per model, tool and batch."""
+    """Speed-up over dense against the multiply-add ratio, per model and tool, one panel per batch."""
     import matplotlib  # only for --plot: the benchmark itself runs without matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    batches = sorted({row["batch"] for row in results["latency"]})
+    figure, panels = pyplot.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False, sharey=True)
     markers = {"resnet18": "o", "mobilenet_v3_small": "s", "vit_b_16": "^"}
-    colors = {"ours": "tab:blue", "tp": "tab:orange"}
-    labels = {"ours": "ChannelPruner, shrunk", "tp": "Torch-Pruning"}
-    for row in results["latency"]:
-        f = results["figures"][row["model"]]
-        for tool in TOOLS:
-            for mode, fill in (("package", colors[tool]), ("eager", "none")):
-                if f"{mode} {tool}" in row["speedup"]:
-                    axes.scatter(ratio(f, tool, "multiply_adds"), row["speedup"][f"{mode} {tool}"],
-                                 marker=markers[row["model"]], facecolors=fill, edgecolors=colors[tool],
-                                 s=40 if row["batch"] == 1 else 90)
+    tools = {"ours": ("tab:blue", -0.03, "ChannelPruner, shrunk"), "tp": ("tab:orange", 0.03, "Torch-Pruning")}
     top = max(ratio(f, tool, "multiply_adds") for f in results["figures"].values() for tool in TOOLS)
-    axes.plot([1, top], [1, top], color="gray", linewidth=0.8, linestyle="--")
-    handles = [axes.scatter([], [], marker=m, color="gray", label=name) for name, m in markers.items()]
-    handles += [axes.scatter([], [], marker="o", color=c, label=labels[t]) for t, c in colors.items()]
-    axes.legend(handles=handles, fontsize=8, loc="upper left")
-    axes.set_xlabel("multiply-adds, dense / pruned")
-    axes.set_ylabel("speed-up over dense")
-    axes.set_title("50% channels, CPU, 1 thread: filled = AOTInductor package, hollow = eager;\n"
-                   "small = batch 1, large = batch 32; dashed: speed-up = multiply-add ratio", fontsize=9)
-    axes.grid(alpha=0.3)
+    for axes, batch in zip(panels[0], batches):
+        for row in (r for r in results["latency"] if r["batch"] == batch):
+            f = results["figures"][row["model"]]
+            for tool, (color, shift, _) in tools.items():
+                for mode, fill in (("package", color), ("eager", "none")):
+                    if f"{mode} {tool}" in row["speedup"]:
+                        # The tools' points are drawn apart where their ratios are equal.
+                        axes.scatter(ratio(f, tool, "multiply_adds") + shift, row["speedup"][f"{mode} {tool}"],
+                                     marker=markers[row["model"]], facecolors=fill, edgecolors=color, s=50)
+        axes.plot([1, top], [1, top], color="gray", linewidth=0.8, linestyle="--")
+        axes.set_title(f"batch {batch}", fontsize=10)
+        axes.set_xlabel("multiply-adds, dense / pruned")
+        axes.grid(alpha=0.3)
+    handles = [pyplot.Line2D([], [], marker=m, color="gray", linestyle="", label=n) for n, m in markers.items()]
+    handles += [pyplot.Line2D([], [], marker="o", color=c, linestyle="", label=label) for c, _, label in tools.values()]
+    handles += [pyplot.Line2D([], [], marker="o", color="gray", markerfacecolor="none", linestyle="",
+                              label="hollow: eager, filled: package")]
+    panels[0][0].legend(handles=handles, fontsize=8, loc="upper left")
+    panels[0][0].set_ylabel("speed-up over dense (same mode)")
+    figure.suptitle("50% of the channels, CPU, 1 thread; dashed: speed-up = multiply-add ratio", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 def merged(paths) -> dict:
@@ -327,7 +331,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore", FutureWarning)
 
     started = time.perf_counter()
-    results = {"torch": torch.__version__, "torch_pruning": tp.__version__, "cpus": os.cpu_count(),
+    results = {"torch": torch.__version__, "torch_pruning": version("torch-pruning"), "cpus": os.cpu_count(),
                "figures": {}, "latency": []}
     with tempfile.TemporaryDirectory() as folder:
         for name in models:
