@@ -245,19 +245,22 @@ def target_lines(results) -> list:
 
 
 def plot(results, path: str) -> None:
-    """Speed-up over dense against the multiply-add ratio, per model and tool, one panel per batch."""
+    """Speed-up over dense against the multiply-add ratio, per model and tool, one panel per batch, at the
+    fewest threads measured."""
     import matplotlib  # only for --plot: the benchmark itself runs without matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    batches = sorted({row["batch"] for row in results["latency"]})
+    threads = min(row["threads"] for row in results["latency"])
+    rows = [row for row in results["latency"] if row["threads"] == threads]
+    batches = sorted({row["batch"] for row in rows})
     figure, panels = pyplot.subplots(1, len(batches), figsize=(5 * len(batches), 4.5), squeeze=False, sharey=True)
     markers = {"resnet18": "o", "mobilenet_v3_small": "s", "vit_b_16": "^"}
     tools = {"ours": ("tab:blue", -0.03, "ChannelPruner, shrunk"), "tp": ("tab:orange", 0.03, "Torch-Pruning")}
     top = max(ratio(f, tool, "multiply_adds") for f in results["figures"].values() for tool in TOOLS)
     for axes, batch in zip(panels[0], batches):
-        for row in (r for r in results["latency"] if r["batch"] == batch):
+        for row in (r for r in rows if r["batch"] == batch):
             f = results["figures"][row["model"]]
             for tool, (color, shift, _) in tools.items():
                 for mode, fill in (("package", color), ("eager", "none")):
@@ -275,7 +278,8 @@ def plot(results, path: str) -> None:
                               label="hollow: eager, filled: package")]
     panels[0][0].legend(handles=handles, fontsize=8, loc="upper left")
     panels[0][0].set_ylabel("speed-up over dense (same mode)")
-    figure.suptitle("50% of the channels, CPU, 1 thread; dashed: speed-up = multiply-add ratio", fontsize=10)
+    figure.suptitle(f"50% of the channels, CPU, {threads} thread(s); dashed: speed-up = multiply-add ratio",
+                    fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -284,7 +288,8 @@ def merged(paths) -> dict:
     results = {"figures": {}, "latency": []}
     for path in paths:
         part = json.loads(Path(path).read_text())
-        results["figures"] |= part["figures"]
+        for name, figures in part["figures"].items():
+            results["figures"].setdefault(name, figures)  # the first file's, as its timed rows come first
         results["latency"] += part["latency"]
     return results
 
@@ -307,7 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eager-only", action="store_true", help="no AOTInductor packages (a quick look)")
     parser.add_argument("--out", default="bench-results/channel_pruner.json", help="the JSON file to write")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="measure nothing: print the tables and targets of these result files together")
+                        help="measure nothing: print the tables and targets of these result files together "
+                        "(each model's figures from the first file that has it)")
     parser.add_argument("--plot", help="with --merge: draw the speed-up plot to this file (needs matplotlib)")
     args = parser.parse_args(argv)
 
