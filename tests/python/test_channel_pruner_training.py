@@ -23,7 +23,7 @@ from torch.ao.pruning import LambdaSL
 from torch.nn.utils import parametrize
 
 import torch_sparsity
-from end_to_end_models import assert_compiled_training_matches_eager, pruned_entries
+from end_to_end_models import pruned_entries
 from sparsity_testing import max_abs_diff
 from torch_sparsity.convert import convert, converted_name, fake_sparsities
 from torch_sparsity.shrinking import shrink_report
@@ -345,16 +345,18 @@ def test_pruner_keeps_stepping_the_model_it_converted_in_place(device, form):
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_compiled_training_of_the_pruned_model_matches_eager(device):
-    """The parametrized model under torch.compile (inductor, forward and
-    backward) beside the eager one, the level raised from 0.5 to 0.75
-    between two epochs (the eager pruner's new masks copied into the
-    compiled model's, in place): losses and state within 1e-5 of their
-    scale on the CPU, 1e-4 on a GPU (inductor's reductions add in another
-    order, as in test_export.py), masked slices zero."""
+@pytest.mark.parametrize("form", ["parametrized", "export"])
+def test_compiled_training_matches_eager(device, form):
+    """The pruned model (parametrized, or converted to the export target)
+    under torch.compile (inductor, forward and backward) beside the eager
+    one, the level raised from 0.5 to 0.75 between two epochs (the eager
+    pruner's new masks copied into the compiled model's, in place): losses
+    and state within 1e-5 of their scale on the CPU, 1e-4 on a GPU
+    (inductor's reductions add in another order, as in test_export.py),
+    masked slices zero."""
     tolerance = 1e-5 if device == "cpu" else 1e-4
     eager, pruner = pruned_tiny(device=device)
-    twin = copy.deepcopy(eager)
+    twin = copy.deepcopy(eager) if form == "parametrized" else convert(eager, target=form)
     eager.train(), twin.train()
     compiled = torch.compile(twin)
     optimizers = sgd(eager), sgd(twin)
@@ -372,18 +374,6 @@ def test_compiled_training_of_the_pruned_model_matches_eager(device):
             for fqn, mask in masks_of(eager).items():
                 twin_masks[fqn][0].copy_(mask)
     assert_states_close(twin.state_dict(), eager.state_dict(), tolerance)
-
-
-def test_compiled_training_of_the_export_target_matches_eager(pruned):
-    """The export-target model under torch.compile beside the pruned eager
-    model (end_to_end_models.assert_compiled_training_matches_eager: every
-    gradient after each step and the state at the end within 1e-5 of their
-    scale, 1e-4 on a GPU; pruned entries zero and without gradient)."""
-    eager = copy.deepcopy(pruned.model)
-    inputs = iter(x for x, _ in batches(pruned.device))
-    tolerance = 1e-5 if pruned.device == "cpu" else 1e-4
-    converted = assert_compiled_training_matches_eager(eager.train(), lambda: next(inputs), tolerance)
-    assert_masked_slices_zero(converted, pruned.masks)
 
 
 # ---------------------------------------------------------------- DDP
