@@ -123,7 +123,7 @@ class ChannelPruner(BaseSparsifier):
             raise ValueError(f"sparsity_level must be within [0, 1], got {sparsity_level}")
         if norm not in ("l1", "l2"):
             raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-        if not isinstance(round_to, int) or round_to < 1:
+        if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
             raise ValueError(f"round_to must be a positive int, got {round_to!r}")
         super().__init__(defaults={**defaults, "sparsity_level": sparsity_level})
         self.example_inputs = example_tuple(example_inputs)
@@ -203,7 +203,14 @@ class ChannelPruner(BaseSparsifier):
         their group, so no mask is computed alone. ``step()`` calls it once."""
         self._update_masks()
 
+    def __getstate__(self) -> dict:
+        # BaseSparsifier keeps only defaults, state and groups; the groups and
+        # masks found by prepare go too, so a copy or a pickle still steps.
+        return dict(self.__dict__)
+
     def step(self, use_path: bool = True) -> None:
+        if not hasattr(self, "_masks"):
+            raise RuntimeError("ChannelPruner.step needs a prepared pruner: call prepare(model, config) first")
         if self.enable_mask_update:
             with torch.no_grad():
                 self._update_masks()

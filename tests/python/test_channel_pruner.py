@@ -404,10 +404,29 @@ def test_squash_mask_leaves_plain_tensors_that_shrink_exactly():
 @pytest.mark.parametrize("options,message", [
     ({"sparsity_level": 1.5}, "sparsity_level must be"), ({"sparsity_level": -0.1}, "sparsity_level must be"),
     ({"norm": "l3"}, "norm must be"), ({"round_to": 0}, "round_to must be"), ({"round_to": 2.5}, "round_to must be"),
+    ({"round_to": True}, "round_to must be"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         ChannelPruner(torch.randn(1, 3, 16, 16), **options)
+
+
+def test_step_before_prepare_is_refused():
+    with pytest.raises(RuntimeError, match="needs a prepared pruner"):
+        ChannelPruner(torch.randn(1, 3, 16, 16)).step()
+
+
+def test_a_deep_copied_pruner_steps_its_own_model():
+    model, x = _small(8, 12)
+    pruner = _prepared(model, x)
+    twin = copy.deepcopy(pruner)
+    assert twin.model is not model
+    pruner.step()
+    twin.step()
+    assert twin.report() == pruner.report()
+    for fqn, mask in pruner.state.items():
+        assert torch.equal(twin.state[fqn]["mask"], mask["mask"]), fqn
+    assert twin.model.conv1.parametrizations.weight[0].mask is twin.state["conv1.weight"]["mask"]
 
 
 @pytest.mark.parametrize("case,config,message", [
