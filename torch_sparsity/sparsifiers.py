@@ -205,7 +205,7 @@ class ChannelPruner(BaseSparsifier):
 
     def __getstate__(self) -> dict:
         # BaseSparsifier keeps only defaults, state and groups; the groups and
-        # masks found by prepare go too, so a copy or a pickle still steps.
+        # masks found by prepare go too, so a deep copy still steps.
         return dict(self.__dict__)
 
     def step(self, use_path: bool = True) -> None:
