@@ -294,6 +294,12 @@ class ChannelPruner(BaseSparsifier):
     def squash_mask(self, *args, **kwargs) -> None:
         """Removes every mask the pruner registered, leaving the masked values
         in the tensors (torch.ao.pruning's ``squash_mask``)."""
+        for fqn in self._masks:
+            # Removing a parametrization edits the module's parametrized class, which
+            # deep copies of the model share: each module gets a class of its own first.
+            module = self.model.get_submodule(fqn.rpartition(".")[0])
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         super().squash_mask(*args, **kwargs)
         weights = {config["tensor_fqn"] for config in self.groups}
         for fqn in self._masks:

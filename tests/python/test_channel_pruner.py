@@ -427,6 +427,10 @@ def test_a_deep_copied_pruner_steps_its_own_model():
     for fqn, mask in pruner.state.items():
         assert torch.equal(twin.state[fqn]["mask"], mask["mask"]), fqn
     assert twin.model.conv1.parametrizations.weight[0].mask is twin.state["conv1.weight"]["mask"]
+    expected = model(x)
+    twin.squash_mask()  # the copies share parametrized classes: the original must keep its masks
+    assert_bitwise_equal(model(x), expected)
+    assert_bitwise_equal(twin.model(x), expected)
 
 
 @pytest.mark.parametrize("case,config,message", [
