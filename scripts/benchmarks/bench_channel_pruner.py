@@ -46,7 +46,6 @@ where Torch-Pruning halves the stream too and changes the output.
     .venv/bin/python scripts/benchmarks/bench_channel_pruner.py --merge A.json B.json ... [--plot FILE.png]
 """
 
-import argparse
 import copy
 import json
 import os
@@ -68,12 +67,11 @@ from torch_sparsity.shrink_tensors import plain_copy
 from torch_sparsity.sparsifiers import ChannelPruner
 from bench_models import timed_rounds
 from bench_op import paired_ratio
-from bench_shrink import check, compile_package, image, multiply_adds, parse_list, relative_diff
+from bench_shrink import MODELS, check, compile_package, image, multiply_adds, parse_list, relative_diff, timing_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "python"))
 from end_to_end_models import _lively_random_weights, mha_slow_path  # noqa: E402
 
-MODELS = ("resnet18", "mobilenet_v3_small", "vit_b_16")
 CLASSIFIERS = {"resnet18": "fc", "mobilenet_v3_small": "classifier", "vit_b_16": "heads"}
 LEVEL = 0.5
 TOLERANCE = 0.05  # ours against tp, parameters and multiply-adds
@@ -301,16 +299,8 @@ def report(results, log) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the default")
-    parser.add_argument("--batches", default="1,32", help="inference batch sizes (default 1,32)")
-    parser.add_argument("--threads", default="1", help="thread counts (default 1)")
-    parser.add_argument("--rounds", type=int, default=10, help="most timed rounds per configuration (default 10)")
-    parser.add_argument("--budget", type=float, default=20.0,
-                        help="seconds of timed rounds per configuration after which no new round starts, once "
-                        "2 rounds are done (default 20)")
+    parser = timing_parser(__doc__, "1", "bench-results/channel_pruner.json")
     parser.add_argument("--eager-only", action="store_true", help="no AOTInductor packages (a quick look)")
-    parser.add_argument("--out", default="bench-results/channel_pruner.json", help="the JSON file to write")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="measure nothing: print the tables and targets of these result files together "
                         "(each model's figures from the first file that has it)")

@@ -218,16 +218,22 @@ def parse_list(text, what, choices=None):
     return [int(t) for t in items]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def timing_parser(description: str, threads: str, out: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with bench_channel_pruner.py."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the default")
     parser.add_argument("--batches", default="1,32", help="inference batch sizes (default 1,32)")
-    parser.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    parser.add_argument("--threads", default=threads, help=f"thread counts (default {threads})")
     parser.add_argument("--rounds", type=int, default=10, help="most timed rounds per configuration (default 10)")
     parser.add_argument("--budget", type=float, default=20.0,
                         help="seconds of timed rounds per configuration after which no new round starts, once "
                         "2 rounds are done (default 20)")
-    parser.add_argument("--out", default="bench-results/shrink.json", help="the JSON file to write")
+    parser.add_argument("--out", default=out, help="the JSON file to write")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = timing_parser(__doc__, "1,2", "bench-results/shrink.json")
     args = parser.parse_args(argv)
     models = parse_list(args.models, "--models", MODELS)
     batches = parse_list(args.batches, "--batches")
