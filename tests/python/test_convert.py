@@ -112,8 +112,11 @@ def test_masks_kept_in_their_dtype_on_request(pruned):
 def test_bool_masks_give_the_same_outputs_and_gradients_bit_for_bit(pruned):
     kept = torch.jit.script(convert(pruned.model, compact_masks=False))
     compact = fresh_scripted(pruned)
-    kept_output, kept_grads = forward_backward(kept, [pruned.example])
-    compact_output, compact_grads = forward_backward(compact, [pruned.example])
+    # Unoptimized, both run one plan: the profiling executor's first runs and the graph it
+    # optimizes after them differ in the last bits (efficientnet_b0's gradients, when run alone).
+    with torch.jit.optimized_execution(False):
+        kept_output, kept_grads = forward_backward(kept, [pruned.example])
+        compact_output, compact_grads = forward_backward(compact, [pruned.example])
     assert torch.equal(compact_output, kept_output)
     assert kept_grads.keys() == compact_grads.keys()
     for name, grad in kept_grads.items():
