@@ -65,9 +65,10 @@ from torch import nn
 import torch_sparsity
 from torch_sparsity.shrink_tensors import plain_copy
 from torch_sparsity.sparsifiers import ChannelPruner
-from bench_models import timed_rounds
 from bench_op import paired_ratio
-from bench_shrink import MODELS, check, compile_package, image, multiply_adds, parse_list, relative_diff, timing_parser
+from bench_shrink import (
+    MODELS, check, compile_package, image, multiply_adds, parse_list, relative_diff, timed_variants, timing_parser,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "python"))
 from end_to_end_models import _lively_random_weights, mha_slow_path  # noqa: E402
@@ -160,12 +161,7 @@ def bench_latency(name, models, runners, batches, threads, args, log):
         torch.set_num_threads(count)
         for batch in batches:
             x = image(batch, seed=2)
-            fns = {f"eager {variant}": (lambda m=model: m(x)) for variant, model in models.items()}
-            fns |= {f"package {variant}": (lambda r=runner: r(x)) for variant, runner in runners.items()}
-            with torch.no_grad():
-                for fn in fns.values():  # warm-up
-                    fn()
-                samples = timed_rounds(fns, args.rounds, args.budget, min(2, args.rounds), primed=True)
+            samples = timed_variants(models, runners, x, args)
             row = {"model": name, "batch": batch, "threads": count, "rounds": len(samples["eager dense"]),
                    "ms": {variant: 1000 * statistics.median(s) for variant, s in samples.items()}, "speedup": {}}
             for mode in ("eager", "package") if runners else ("eager",):

@@ -130,22 +130,25 @@ def build(name: str, folder: Path, log):
     return models, runners, figures
 
 
+def timed_variants(models, runners, x, args) -> dict:
+    """Samples of each model eager ("eager <variant>") and each package
+    ("package <variant>") on ``x``: one warm-up call each, then interleaved
+    rounds (timed_rounds)."""
+    fns = {f"eager {variant}": (lambda m=model: m(x)) for variant, model in models.items()}
+    fns |= {f"package {variant}": (lambda r=runner: r(x)) for variant, runner in runners.items()}
+    with torch.no_grad():
+        for fn in fns.values():  # warm-up
+            fn()
+        return timed_rounds(fns, args.rounds, args.budget, min(2, args.rounds), primed=True)
+
+
 def bench_latency(name, models, runners, batches, threads, args, log):
     rows = []
     for count in threads:
         torch.set_num_threads(count)
         for batch in batches:
             x = image(batch, seed=2)
-            fns = {
-                "eager dense": lambda: models["dense"](x),
-                "eager shrunk": lambda: models["shrunk"](x),
-                "package dense": lambda: runners["dense"](x),
-                "package shrunk": lambda: runners["shrunk"](x),
-            }
-            with torch.no_grad():
-                for fn in fns.values():  # warm-up
-                    fn()
-                samples = timed_rounds(fns, args.rounds, args.budget, min(2, args.rounds), primed=True)
+            samples = timed_variants(models, runners, x, args)
             ms = {variant: 1000 * statistics.median(s) for variant, s in samples.items()}
             row = {
                 "model": name, "batch": batch, "threads": count, "rounds": len(samples["eager dense"]), "ms": ms,
