@@ -18,11 +18,11 @@ from torch import nn
 from .shrink_tensors import masked_tensors, plain_copy
 from .shrinking import channel_plan
 
-__all__ = ["ROWS", "ENTRIES", "PruningGroup", "find_groups", "mask_kind"]
+__all__ = ["ENTRIES", "LAYERS", "ROWS", "PruningGroup", "find_groups", "mask_kind"]
 
 Slice = Tuple[str, int, int]  # (tensor fqn, dim, index)
 ROWS, ENTRIES = "rows", "entries"  # FakeStructuredSparsity of a weight's output channels; FakeSparsity
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+LAYERS = (nn.Linear, nn.modules.conv._ConvNd)  # the layers whose output channels the pruner masks
 
 
 @dataclass
@@ -52,7 +52,7 @@ def mask_kind(model: nn.Module, fqn: str, dim: int) -> Optional[str]:
     module = model.get_submodule(module_fqn)
     if name not in module._parameters:
         return None
-    if isinstance(module, _LAYERS) and name == "weight":
+    if isinstance(module, LAYERS) and name == "weight":
         return ROWS if dim == 0 else None
     return ENTRIES
 

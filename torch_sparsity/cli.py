@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import aoti, load_library
+from .channel_groups import LAYERS
 from .convert import ConversionError, convert
 from .masks import fake_sparsities, mask_bytes, masks, squash
 from .shrinking import ShrinkError, shrink_report
@@ -88,7 +89,7 @@ def _prune_channels(model: nn.Module, level: float, example: torch.Tensor) -> st
     last Linear (the classifier, whose channels are the model's output) with
     ChannelPruner, prepared on ``example``, one step; returns a summary line."""
     layers = {fqn: module for fqn, module in model.named_modules()
-              if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))}
+              if isinstance(module, LAYERS)}
     classifier = [fqn for fqn, module in layers.items() if isinstance(module, nn.Linear)][-1:]
     config = [{"tensor_fqn": f"{fqn}.weight" if fqn else "weight"} for fqn in layers if fqn not in classifier]
     pruner = ChannelPruner((example,), level)

@@ -17,7 +17,7 @@ from torch.ao.pruning._experimental.pruner.parametrization import FakeStructured
 from torch.ao.pruning.sparsifier.utils import FakeSparsity
 from torch.nn.utils import parametrize
 
-from .channel_groups import ROWS, PruningGroup, find_groups, mask_kind
+from .channel_groups import LAYERS, PruningGroup, find_groups, mask_kind
 from .shrinking import example_tuple
 
 __all__ = ["ChannelPruner", "NDWeightNormSparsifier", "prepare_with_masks", "prune_with_weight_norm"]
@@ -89,9 +89,6 @@ def prepare_with_masks(model: nn.Module, masks: Dict[str, torch.Tensor]) -> nn.M
     return model
 
 
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
-
-
 class ChannelPruner(BaseSparsifier):
     """A torch.ao.pruning sparsifier that masks coupled channel groups whole
     (docs/channel_pruner.md).
@@ -133,13 +130,13 @@ class ChannelPruner(BaseSparsifier):
     def prepare(self, model: nn.Module, config: Optional[list]) -> None:
         if config is None:
             config = [{"tensor_fqn": f"{fqn}.weight" if fqn else "weight"}
-                      for fqn, module in model.named_modules() if isinstance(module, _LAYERS)]
+                      for fqn, module in model.named_modules() if isinstance(module, LAYERS)]
         allowed, modules = set(), dict(model.named_modules())
         for entry in config:
             fqn = entry.get("tensor_fqn") if isinstance(entry, dict) else None
             module_fqn, _, name = (fqn or "").rpartition(".")
             module = modules.get(module_fqn)
-            if not isinstance(module, _LAYERS) or name != "weight":
+            if not isinstance(module, LAYERS) or name != "weight":
                 raise ValueError(f"ChannelPruner's config names Conv/Linear weights ({{'tensor_fqn': "
                                  f"'conv.weight'}}), got {entry!r}")
             if parametrize.is_parametrized(module, "weight"):
